@@ -1,0 +1,1 @@
+"""TRAPO (Trust-Region Adaptive Policy Optimization) on PyTorch Lightning."""

@@ -1,0 +1,286 @@
+"""The TRAPO objective, TRAPO.md "Losses".
+
+    loss = (sum_expert SFT(logp) + sum_policy RL(logp) + kl_coef * sum_policy KL(logp, ref)) / N
+           - entropy_coef * mean_{expert | policy} entropy
+
+Per-token terms (each `[B, T]`, unmasked; one small function per variant, chosen by Enum):
+- TrSFT on expert-prefix tokens, trust region alpha: -log p where p >= alpha, -p / alpha where p < alpha. Its
+  gradient weight 1 / max(p, alpha) caps the pull of expert tokens the policy finds unlikely, which is what keeps
+  SFT from collapsing exploration (paper ablation: plain SFT 32.3 vs TrSFT 56.6 math avg). The value, not only
+  the gradient, follows the paper's piecewise form, so the logged SFT loss is the NLL inside the trust region.
+  Plain SFT (-log p) and LUFFY's shaping (-p / (p + gamma)) are the ablations.
+- RL on policy tokens: -A * pi / pi_old (the reference code: one optimizer step per rollout batch, ratio ~ 1,
+  no clip) or the PPO clipped form. old_logp and ref_logp are constants: they are detached here.
+- KL to a reference model on policy tokens, estimators k1, k2, k3 (Schulman's); the paper's runs use kl_coef 0.
+
+N is `constant` = max_response_tokens * B by default (Dr.GRPO): each sequence's token sum over a fixed length,
+averaged over sequences, so the loss scale depends neither on how many tokens a batch happens to hold nor on how
+it is split for gradient accumulation. `token_mean` divides by the batch's loss-token count instead. The entropy
+bonus is a token mean over the loss tokens. When one optimizer step is split into micro-batches, pass the step's
+totals (`num_sequences`, `num_loss_tokens`): every term is then divided by the whole step's count, so the
+micro-batch losses add up exactly to the full-batch loss, entropy bonus and `token_mean` included.
+"""
+
+from enum import Enum
+from functools import partial
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class SFTLoss(str, Enum):
+    """Loss on expert-prefix tokens."""
+
+    trust_region = "trust_region"
+    plain = "plain"
+    luffy = "luffy"
+
+
+class PolicyLoss(str, Enum):
+    """RL loss on policy tokens."""
+
+    unclipped = "unclipped"
+    clipped = "clipped"
+
+
+class KLEstimator(str, Enum):
+    """Per-token estimator of KL(pi_theta || pi_ref) from samples of pi_theta."""
+
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class LossNormalizer(str, Enum):
+    """What the summed token losses are divided by."""
+
+    constant = "constant"
+    token_mean = "token_mean"
+
+
+class TrapoLoss(NamedTuple):
+    """The differentiable loss and detached float32 scalar stats."""
+
+    loss: Tensor
+    """Scalar loss to backpropagate."""
+    sft_loss: Tensor
+    """Summed SFT terms over expert tokens / N."""
+    policy_loss: Tensor
+    """Summed RL terms over policy tokens / N."""
+    kl: Tensor
+    """Summed KL terms over policy tokens / N (without kl_coef); 0 without ref_logp."""
+    entropy: Tensor
+    """Mean entropy over expert and policy tokens; 0 without any."""
+    expert_tokens: Tensor
+    """Number of expert-prefix tokens carrying the SFT loss."""
+    policy_tokens: Tensor
+    """Number of policy tokens carrying the RL loss."""
+    outside_trust_region: Tensor
+    """Fraction of expert tokens with p < trust_region_alpha; 0 without any."""
+    clip_fraction: Tensor
+    """Fraction of policy tokens where the PPO clip was active; 0 for the unclipped loss."""
+
+
+def trust_region_sft(logp: Tensor, alpha: float) -> Tensor:
+    """TrSFT per token: -logp where p >= alpha, -p / alpha where p < alpha; d / d logp = -p / max(p, alpha)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"trust-region alpha must be in [0, 1], got {alpha}")
+    probs = logp.exp()  # [B, T]
+    # alpha = 0 never selects the -p / alpha branch, but torch.where backpropagates 0 * (1 / 0) = nan through it.
+    safe_alpha = alpha if alpha > 0.0 else 1.0
+    return torch.where(probs >= alpha, -logp, -probs / safe_alpha)
+
+
+def plain_sft(logp: Tensor) -> Tensor:
+    """Negative log-likelihood per token."""
+    return -logp
+
+
+def luffy_shaped_sft(logp: Tensor, gamma: float = 0.1) -> Tensor:
+    """LUFFY's policy shaping per token: -p / (p + gamma); d / d logp = -p * gamma / (p + gamma)^2."""
+    probs = logp.exp()  # [B, T]
+    return -probs / (probs + gamma)
+
+
+def unclipped_policy_gradient(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tensor:
+    """-A * pi / pi_old per token; `advantages` is `[B]`, broadcast over tokens."""
+    ratio = torch.exp(logp - old_logp.detach())  # [B, T]
+    return -advantages.detach()[:, None] * ratio
+
+
+def clipped_policy_gradient(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+) -> Tensor:
+    """PPO per token: -min(r * A, clamp(r, 1 - eps_low, 1 + eps_high) * A); `advantages` is `[B]`."""
+    ratio = torch.exp(logp - old_logp.detach())  # [B, T]
+    advantages = advantages.detach()[:, None]  # [B, 1]
+    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+    return -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp
+
+
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    log_ratio = ref_logp - logp  # [B, T]
+    return log_ratio.exp() - log_ratio - 1.0
+
+
+_KL_ESTIMATORS: dict[KLEstimator, Callable[[Tensor, Tensor], Tensor]] = {
+    KLEstimator.k1: _kl_k1,
+    KLEstimator.k2: _kl_k2,
+    KLEstimator.k3: _kl_k3,
+}
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator) -> Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = e^x - x - 1."""
+    return _KL_ESTIMATORS[KLEstimator(estimator)](logp, ref_logp.detach())
+
+
+def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, 0.0).sum()
+
+
+# Each *_sum helper zeroes the log-probs outside its mask before computing terms, so padding garbage (say
+# old_logp = -1e9) cannot overflow into inf and come back as 0 * inf = nan through torch.where's backward.
+
+
+def _sft_sum(logp: Tensor, expert_mask: Tensor, sft_loss: SFTLoss, alpha: float) -> Tensor:
+    sft_terms = {
+        SFTLoss.trust_region: partial(trust_region_sft, alpha=alpha),
+        SFTLoss.plain: plain_sft,
+        SFTLoss.luffy: luffy_shaped_sft,
+    }[SFTLoss(sft_loss)]
+    return _masked_sum(sft_terms(torch.where(expert_mask, logp, 0.0)), expert_mask)
+
+
+def _policy_sum(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    policy_mask: Tensor,
+    policy_loss: PolicyLoss,
+    eps: tuple[float, float],
+) -> Tensor:
+    policy_terms = {
+        PolicyLoss.unclipped: unclipped_policy_gradient,
+        PolicyLoss.clipped: partial(clipped_policy_gradient, eps_low=eps[0], eps_high=eps[1]),
+    }[PolicyLoss(policy_loss)]
+    terms = policy_terms(torch.where(policy_mask, logp, 0.0), torch.where(policy_mask, old_logp, 0.0), advantages)
+    return _masked_sum(terms, policy_mask)
+
+
+def _kl_sum(logp: Tensor, ref_logp: Optional[Tensor], policy_mask: Tensor, estimator: KLEstimator) -> Tensor:
+    if ref_logp is None:
+        return logp.new_zeros(())
+    terms = kl_penalty(torch.where(policy_mask, logp, 0.0), torch.where(policy_mask, ref_logp, 0.0), estimator)
+    return _masked_sum(terms, policy_mask)
+
+
+def _clip_fraction(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    policy_mask: Tensor,
+    policy_loss: PolicyLoss,
+    eps: tuple[float, float],
+) -> Tensor:
+    """Fraction of policy tokens whose clipped term is the smaller one (zero gradient there)."""
+    if PolicyLoss(policy_loss) is not PolicyLoss.clipped:
+        return logp.new_zeros((), dtype=torch.float32)
+    log_ratio = torch.where(policy_mask, logp - old_logp, 0.0).detach()  # [B, T]
+    ratio, advantages = log_ratio.exp(), advantages.detach()[:, None]  # [B, T], [B, 1]
+    active = ratio.clamp(1.0 - eps[0], 1.0 + eps[1]) * advantages < ratio * advantages  # [B, T]
+    return ((active & policy_mask).sum() / policy_mask.sum().clamp(min=1)).float()
+
+
+def _check_inputs(logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, kl_coef, max_tokens):
+    """Raises ValueError unless the token tensors are `[B, T]`, advantages `[B]`, masks bool."""
+    tokens = {"old_logp": old_logp, "entropy": entropy, "expert_mask": expert_mask, "policy_mask": policy_mask}
+    if ref_logp is not None:
+        tokens["ref_logp"] = ref_logp
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    for name, tensor in tokens.items():
+        if tensor.shape != logp.shape:
+            raise ValueError(f"{name} must match logp's shape {tuple(logp.shape)}, got {tuple(tensor.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    if expert_mask.dtype != torch.bool or policy_mask.dtype != torch.bool:
+        raise ValueError("expert_mask and policy_mask must be bool")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"kl_coef = {kl_coef} needs ref_logp")
+    if max_tokens < 1:
+        raise ValueError(f"max_response_tokens must be >= 1, got {max_tokens}")
+
+
+def trapo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    entropy: Tensor,
+    advantages: Tensor,
+    expert_mask: Tensor,
+    policy_mask: Tensor,
+    *,
+    ref_logp: Optional[Tensor] = None,
+    sft_loss: SFTLoss = SFTLoss.trust_region,
+    trust_region_alpha: float = 0.1,
+    policy_loss: PolicyLoss = PolicyLoss.unclipped,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = KLEstimator.k3,
+    entropy_coef: float = 0.001,
+    normalizer: LossNormalizer = LossNormalizer.constant,
+    max_response_tokens: int = 8192,
+    num_sequences: Optional[int] = None,
+    num_loss_tokens: Optional[int] = None,
+) -> TrapoLoss:
+    """The TRAPO loss of a batch; token tensors `[B, T]` (float32 / bool masks), advantages `[B]`.
+
+    `num_sequences` / `num_loss_tokens`: the whole optimizer step's sequence and loss-token counts when this call
+    sees one micro-batch of it (default: this batch's own), so that micro-batch losses sum to the step's loss.
+
+    Expert and policy masks are expected to be disjoint (see `masks.response_masks`). The KL stat is reported
+    whenever ref_logp is given, even with kl_coef = 0, so the drift from the reference can be watched.
+    """
+    _check_inputs(
+        logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, kl_coef, max_response_tokens
+    )
+    clip_eps = (clip_eps_low, clip_eps_high)
+    sft_sum = _sft_sum(logp, expert_mask, sft_loss, trust_region_alpha)
+    policy_sum = _policy_sum(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps)
+    kl_sum = _kl_sum(logp, ref_logp, policy_mask, kl_estimator)
+
+    expert_tokens, policy_tokens = expert_mask.sum().float(), policy_mask.sum().float()
+    loss_tokens = expert_mask | policy_mask  # [B, T]
+    entropy_sum = _masked_sum(entropy, loss_tokens)
+    entropy_mean = entropy_sum / loss_tokens.sum().clamp(min=1)
+    step_sequences = logp.shape[0] if num_sequences is None else num_sequences
+    step_tokens = logp.new_tensor(float(loss_tokens.sum() if num_loss_tokens is None else num_loss_tokens))
+    denominator = {
+        LossNormalizer.constant: logp.new_tensor(float(max_response_tokens * step_sequences)),
+        LossNormalizer.token_mean: step_tokens.clamp(min=1.0),
+    }[LossNormalizer(normalizer)]
+    entropy_bonus = entropy_sum / step_tokens.clamp(min=1.0)
+    loss = (sft_sum + policy_sum + kl_coef * kl_sum) / denominator - entropy_coef * entropy_bonus
+
+    below_alpha = expert_mask & (logp.detach().exp() < trust_region_alpha)  # [B, T]
+    return TrapoLoss(
+        loss=loss,
+        sft_loss=(sft_sum / denominator).detach(),
+        policy_loss=(policy_sum / denominator).detach(),
+        kl=(kl_sum / denominator).detach(),
+        entropy=entropy_mean.detach().float(),
+        expert_tokens=expert_tokens,
+        policy_tokens=policy_tokens,
+        outside_trust_region=(below_alpha.sum() / expert_mask.sum().clamp(min=1)).float(),
+        clip_fraction=_clip_fraction(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps),
+    )
