@@ -1,0 +1,96 @@
+"""`TrapoDataModule`: streams prompts with expert solutions to the training step (TRAPO.md, "Settings")."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from trapo_lightning.data.prompts import PromptTemplate
+from trapo_lightning.data.sources import DataSource, SyntheticSource
+from trapo_lightning.data.stream import PromptStream
+from trapo_lightning.models.sources import PolicySource
+
+
+class TrapoDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        policy: PolicySource | None = None,
+        source: DataSource | None = None,
+        prompt: PromptTemplate | None = None,
+        prompts_per_step: int = 128,
+        val_batch_size: int = 64,
+        max_prompt_tokens: int = 1024,
+        max_response_tokens: int = 8192,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            policy: Whose tokenizer and chat template to use; the CLI links it from `model.policy`.
+            source: Where the records come from (synthetic default, or JSONL files).
+            prompt: System message and user template (default: the paper's).
+            prompts_per_step: Prompts per optimizer step on each rank (the paper: 128; its script: 8).
+            val_batch_size: Prompts per validation batch on each rank.
+            max_prompt_tokens: Longer prompts are skipped and counted; the CLI links it from the model.
+            max_response_tokens: Expert solutions longer than this (+EOS) are skipped and counted; linked too.
+            seed: Seed of the per-epoch shuffle.
+        """
+        super().__init__()
+        if prompts_per_step < 1 or val_batch_size < 1:
+            raise ValueError("prompts_per_step and val_batch_size must be >= 1")
+        self.policy = policy
+        self.source = source or SyntheticSource()
+        self.prompt = prompt or PromptTemplate()
+        self.prompts_per_step = prompts_per_step
+        self.val_batch_size = val_batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
+        self.seed = seed
+        self.streams: dict[str, PromptStream] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.streams:
+            return
+        if self.policy is None:
+            raise ValueError("TrapoDataModule needs `policy` (the CLI links it from model.policy) for its tokenizer")
+        tokenizer = self.policy.load_tokenizer()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        for split, batch_size, train in (("train", self.prompts_per_step, True), ("val", self.val_batch_size, False)):
+            records, skipped = self.source.load(split)
+            if skipped:
+                rank_zero_warn(f"{split} data: skipped malformed rows by reason: {dict(skipped)}")
+            self._check_size(split, records, batch_size * world if train else world)
+            stream = PromptStream(
+                records, tokenizer, self.prompt, batch_size, self.max_prompt_tokens, self.max_response_tokens,
+                shuffle=train, drop_last=train, seed=self.seed, rank=rank, world_size=world,
+            )
+            stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
+            self.streams[split] = stream
+
+    @staticmethod
+    def _check_size(split: str, records: list, needed: int) -> None:
+        if len(records) < needed:
+            raise ValueError(
+                f"the {split} split has {len(records)} usable records but one step across all ranks needs "
+                f"{needed}; add data or lower data.prompts_per_step / data.val_batch_size"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def _loader(self, split: str) -> DataLoader:
+        # Batches are made by the stream (it counts skips); tokenizing prompts is cheap next to rollouts, so the
+        # loader runs in-process, which also keeps the stream's epoch counter in this process.
+        return DataLoader(self.streams[split], batch_size=None, collate_fn=_identity)
+
+
+def _identity(batch):
+    return batch

@@ -1,0 +1,44 @@
+"""Typed records that flow from the data sources to the training step.
+
+A source yields `MathRecord`s (text only). The stream turns each into a `PromptRecord` by applying the prompt
+template through the tokenizer's chat template (TRAPO.md, "Settings": the paper's system and user prompt), and a
+`PromptBatch` carries the prompts of one optimizer step together with the stream's running skip counts, so the
+module can log what the data layer dropped without reaching back into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MathRecord:
+    """One problem with an expert solution (the guidance source) and its final answer (the verifier's key)."""
+
+    problem: str
+    solution: str
+    answer: str
+    source: str = ""
+    """Where the record came from, e.g. `train.jsonl:17`; used in error messages."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A record with its prompt already tokenized (chat template applied, generation prompt appended)."""
+
+    prompt_ids: tuple[int, ...]
+    problem: str
+    solution: str
+    answer: str
+    source: str = ""
+
+
+@dataclass
+class PromptBatch:
+    """The prompts of one step, plus cumulative per-reason skip counts of the stream that produced them."""
+
+    records: list[PromptRecord]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,0 +1,226 @@
+"""`TrapoModule`: the interleaved SFT + RL step of TRAPO (TRAPO.md, "Per-prompt sampling" and "Losses").
+
+One training step: sample each prompt's group in micro-groups (guided by the expert prefix when the policy keeps
+failing), grade, compute Dr.GRPO advantages over the whole group, run one forward over prompt + expert prefix +
+continuation, and take one optimizer step on TrSFT (expert-prefix tokens) + RL (the policy's own tokens).
+
+Optimization is manual because a step's sequences go through forward/backward in micro-batches: each micro-batch
+loss is normalised by the whole step's totals, so the summed gradient equals the full-batch gradient exactly.
+The policy's log-probs at the time of sampling serve as `old_logp`: one optimizer step per rollout batch means
+the policy has not changed since sampling (ratio 1, as in the paper's code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+
+from trapo_lightning.advantages import dr_grpo_advantages
+from trapo_lightning.batch import TrainBatch, build_train_batch
+from trapo_lightning.data.records import PromptBatch
+from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
+from trapo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
+from trapo_lightning.metrics import step_metrics, validation_metrics
+from trapo_lightning.models.sources import PolicySource
+from trapo_lightning.reward import MathVerifyReward
+from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.hf_generate import HFGenerateEngine
+from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
+
+OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def paper_adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW at the paper's constant learning rate 5e-6 (TRAPO.md, "Settings")."""
+    return torch.optim.AdamW(params, lr=5e-6)
+
+
+class TrapoModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: PolicySource,
+        rollout: RolloutEngine | None = None,
+        guidance: GuidanceRule | None = None,
+        reward: MathVerifyReward | None = None,
+        optimizer: OptimizerCallable = paper_adamw,
+        max_prompt_tokens: int = 1024,
+        max_response_tokens: int = 8192,
+        rollout_temperature: float = 1.0,
+        val_temperature: float = 0.6,
+        sft_loss: SFTLoss = SFTLoss.trust_region,
+        trust_region_alpha: float = 0.1,
+        policy_loss: PolicyLoss = PolicyLoss.unclipped,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        kl_coef: float = 0.0,
+        kl_estimator: KLEstimator = KLEstimator.k3,
+        entropy_coef: float = 0.001,
+        loss_normalizer: LossNormalizer = LossNormalizer.constant,
+        advantage_std_scaling: bool = False,
+        gradient_clip_val: float = 1.0,
+        micro_batch_size: int = 8,
+    ) -> None:
+        """
+        Args:
+            policy: The policy's Hugging Face folder (your model, or the tiny embedded default). The frozen
+                reference model is loaded from the same folder.
+            rollout: Engine that samples continuations (default: transformers `generate` on the policy).
+            guidance: When and how much of the expert solution to prefix (default: the paper's micro-groups).
+            reward: Grades a completion against the reference answer (default: math-verify on the last \\boxed{}).
+            optimizer: Callable from parameters to an optimizer (default: AdamW, constant lr 5e-6 as in the paper).
+            max_prompt_tokens: Longest prompt; longer ones are skipped by the data stream (paper: 1024).
+            max_response_tokens: Longest response, expert prefix included (paper: 8192); also the constant
+                normaliser C of the loss.
+            rollout_temperature: Sampling temperature of training rollouts (paper: 1.0).
+            val_temperature: Sampling temperature of validation (paper: 0.6).
+            sft_loss: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL) or luffy (p / (p + 0.1)).
+            trust_region_alpha: TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1).
+            policy_loss: RL loss on the policy's tokens: unclipped (-A * ratio, the paper) or clipped (PPO).
+            clip_eps_low: Lower clip range of the clipped policy loss.
+            clip_eps_high: Upper clip range of the clipped policy loss.
+            kl_coef: Weight of the KL penalty to the reference model (paper: 0, and then its forward is skipped).
+            kl_estimator: KL estimator: k1, k2 or k3.
+            entropy_coef: Weight of the entropy bonus (paper: 0.001).
+            loss_normalizer: constant (divide by max_response_tokens per sequence, the paper) or token_mean.
+            advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
+            gradient_clip_val: Global gradient-norm clip (paper: 1.0).
+            micro_batch_size: Sequences per forward/backward micro-batch within one optimizer step.
+        """
+        super().__init__()
+        if max_prompt_tokens < 1 or max_response_tokens < 1:
+            raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
+        if not 0.0 <= trust_region_alpha <= 1.0:
+            raise ValueError(f"trust_region_alpha must be in [0, 1], got {trust_region_alpha}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.automatic_optimization = False
+        self.policy_source = policy
+        self.rollout = rollout or HFGenerateEngine()
+        self.guidance = guidance or MicroGroupGuidance()
+        self.reward = reward or MathVerifyReward()
+        self.optimizer_factory = optimizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
+        self.train_sampling = SamplingParams(temperature=rollout_temperature)
+        self.val_sampling = SamplingParams(temperature=val_temperature)
+        self.sft_loss = SFTLoss(sft_loss)
+        self.trust_region_alpha = trust_region_alpha
+        self.policy_loss = PolicyLoss(policy_loss)
+        self.clip_eps = (clip_eps_low, clip_eps_high)
+        self.kl_coef = kl_coef
+        self.kl_estimator = KLEstimator(kl_estimator)
+        self.entropy_coef = entropy_coef
+        self.loss_normalizer = LossNormalizer(loss_normalizer)
+        self.advantage_std_scaling = advantage_std_scaling
+        self.gradient_clip_val = gradient_clip_val
+        self.micro_batch_size = micro_batch_size
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.tokenizer = None
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:  # idempotent: Lightning may call it more than once
+            return
+        self.tokenizer = self.policy_source.load_tokenizer()
+        self.policy = self.policy_source.load_model().train()  # from_pretrained returns eval mode
+        self.policy.config.use_cache = False  # training forwards need no KV cache; generate turns it on itself
+        self.reference = self.policy_source.load_model()
+        self.reference.requires_grad_(False).eval()
+        self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.prefixer = ExpertPrefixer(self.tokenizer)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: never dropout, whatever Lightning toggles
+        return self
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.policy.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The reference is the unchanged starting weights, reloadable from the policy folder: don't store it twice.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device, dataloader_idx: int) -> PromptBatch:
+        return batch  # token ids as Python tuples; the step builds its tensors on the device itself
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        groups = sample_micro_groups(
+            batch.records, self.guidance, self.rollout, self.reward, self.prefixer, self.train_sampling,
+            self.max_response_tokens,
+        )
+        rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
+        advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
+        samples = [s for group in groups for s in group]
+        train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
+        losses = self._optimize(train_batch)
+        metrics = step_metrics(samples, losses)
+        metrics["train/grad_norm"] = self._last_grad_norm
+        metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
+        self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def _optimize(self, batch: TrainBatch) -> list[TrapoLoss]:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        totals = dict(num_sequences=batch.input_ids.shape[0],
+                      num_loss_tokens=int((batch.expert_mask | batch.policy_mask).sum()))
+        losses = []
+        for chunk in batch.chunks(self.micro_batch_size):
+            logp, entropy = self._policy_logprobs(chunk)
+            ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
+            loss = trapo_loss(
+                logp, logp.detach(), entropy, chunk.advantages, chunk.expert_mask, chunk.policy_mask,
+                ref_logp=ref_logp, sft_loss=self.sft_loss, trust_region_alpha=self.trust_region_alpha,
+                policy_loss=self.policy_loss, clip_eps_low=self.clip_eps[0], clip_eps_high=self.clip_eps[1],
+                kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
+                normalizer=self.loss_normalizer, max_response_tokens=self.max_response_tokens, **totals,
+            )
+            self.manual_backward(loss.loss)
+            losses.append(loss)
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
+        optimizer.step()
+        return losses
+
+    def _forward_logits(self, model: torch.nn.Module, chunk: TrainBatch) -> torch.Tensor:
+        width = chunk.response_width
+        out = model(
+            input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids,
+            logits_to_keep=width + 1, use_cache=False,
+        )
+        return out.logits[:, :width]  # [b, T, V]: position j predicts response token j
+
+    def _policy_logprobs(self, chunk: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs_and_entropy(self._forward_logits(self.policy, chunk), chunk.targets)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, chunk: TrainBatch) -> torch.Tensor:
+        return token_logprobs(self._forward_logits(self.reference, chunk), chunk.targets)
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        metrics = self.evaluate(batch, "val")
+        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True, batch_size=len(batch))
+        self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=len(batch))
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.log_dict(self.evaluate(batch, "test"), on_epoch=True, sync_dist=True, batch_size=len(batch))
+
+    def evaluate(self, batch: PromptBatch, prefix: str) -> dict[str, float]:
+        requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records]
+        generations = self.rollout.generate(requests, self.val_sampling)
+        texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
+        results = self.reward(texts, [r.answer for r in batch.records])
+        return validation_metrics(results, generations, prefix)

@@ -1,0 +1,96 @@
+"""Rollouts through transformers' `generate` on the training policy itself (KV cache, batched, left padded).
+
+The CPU default and the fallback everywhere: it samples from the very module being trained, so it never needs a
+weight refresh. Requests of one micro-group for all prompts of the step go out in as few `generate` calls as the
+batch cap allows; the longest budget in a call bounds it, and each row is then cut to its own budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+
+
+class HFGenerateEngine(RolloutEngine):
+    """Sampling with `model.generate` on the policy being trained."""
+
+    def __init__(self, max_batch_size: int = 256) -> None:
+        """
+        Args:
+            max_batch_size: Most sequences per `generate` call; larger request lists are split.
+        """
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self._policy: torch.nn.Module | None = None
+        self._eos = self._pad = -1
+
+    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
+        self._policy, self._eos, self._pad = policy, eos_token_id, pad_token_id
+
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
+        if self._policy is None:
+            raise RuntimeError("HFGenerateEngine.generate called before bind(policy, ...)")
+        out: list[Generation] = []
+        for start in range(0, len(requests), self.max_batch_size):
+            out += self._generate_chunk(requests[start : start + self.max_batch_size], params)
+        return out
+
+    @torch.no_grad()
+    def _generate_chunk(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
+        policy = self._policy
+        budget = max(r.max_new_tokens for r in requests)
+        if budget <= 0:
+            return [Generation([], [], False) for _ in requests]
+        input_ids, attention_mask = _left_pad([r.token_ids for r in requests], self._pad, _device_of(policy))
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            max_new_tokens=budget,
+            eos_token_id=self._eos,
+            pad_token_id=self._pad,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        was_training = policy.training
+        policy.eval()
+        try:
+            result = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        finally:
+            policy.train(was_training)
+        new_ids = result.sequences[:, input_ids.shape[1] :]  # [N, budget']
+        logits = torch.stack(result.logits, dim=1).float() / params.temperature  # [N, budget', V]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)  # [N, budget']
+        return [
+            _trim(ids, lps, request.max_new_tokens, self._eos)
+            for ids, lps, request in zip(new_ids.tolist(), logprobs.tolist(), requests)
+        ]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _trim(ids: list[int], logprobs: list[float], budget: int, eos_id: int) -> Generation:
+    """Cut a row at its first EOS (kept) or at its own budget."""
+    ids, logprobs = ids[:budget], logprobs[:budget]
+    if eos_id in ids:
+        end = ids.index(eos_id) + 1
+        return Generation(ids[:end], logprobs[:end], True)
+    return Generation(ids, logprobs, False)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
