@@ -1,7 +1,7 @@
 """Policy sources: each resolves to a Hugging Face folder (config, weights, tokenizer) loaded by `from_pretrained`.
 
 `PretrainedFolder` is a user's model (e.g. Qwen2.5-Math-7B on local disk). `TinyRandomQwen2` is the embedded
-default: a randomly initialised Qwen2 of a few hundred thousand parameters and a character-level tokenizer, written
+default: a randomly initialised Qwen2 of a few hundred thousand parameters and a small BPE tokenizer trained in code, written
 once as an ordinary folder so the rest of the code never knows the difference. Nothing is downloaded.
 """
 
@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-from trapo_lightning.models.char_tokenizer import build_char_tokenizer
+from trapo_lightning.models.tokenizer import build_tiny_tokenizer
 
 SPEC_FILE = "trapo_tiny_spec.json"
+# Part of the spec, so a folder written with an older tokenizer layout is rewritten rather than reused.
+TOKENIZER_LAYOUT = "qwen2-byte-level-bpe-v1"
 
 
 class PolicySource(abc.ABC):
@@ -62,7 +64,7 @@ class PretrainedFolder(PolicySource):
 
 
 class TinyRandomQwen2(PolicySource):
-    """A tiny randomly initialised Qwen2 with a character-level tokenizer, written as a HF folder on first use."""
+    """A tiny randomly initialised Qwen2 with a BPE tokenizer trained in code, written as a HF folder on first use."""
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class TinyRandomQwen2(PolicySource):
             intermediate_size=intermediate_size,
             max_position_embeddings=max_position_embeddings,
             seed=seed,
+            tokenizer=TOKENIZER_LAYOUT,
         )
 
     def resolve(self) -> Path:
@@ -110,7 +113,7 @@ class TinyRandomQwen2(PolicySource):
         return spec_file.is_file() and json.loads(spec_file.read_text()) == self.spec
 
     def _write(self, folder: Path) -> None:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_tiny_tokenizer()
         config = Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=self.spec["hidden_size"],
