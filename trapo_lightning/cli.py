@@ -7,6 +7,7 @@ Values the data and the model must agree on are linked, not repeated: the data s
 from __future__ import annotations
 
 import os
+import warnings
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -26,6 +27,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TrapoCLI:
     """Parse `args` (default: sys.argv) and, with `run`, execute the subcommand; tests call it in-process."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen reference model is in eval mode on purpose; Lightning warns about any module in eval mode.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     return TrapoCLI(
         TrapoModule,
         TrapoDataModule,

@@ -152,9 +152,6 @@ class TrapoModule(L.LightningModule):
         if self.reference is not None:
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
-    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device, dataloader_idx: int) -> PromptBatch:
-        return batch  # token ids as Python tuples; the step builds its tensors on the device itself
-
     # -- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         groups = sample_micro_groups(
@@ -165,14 +162,15 @@ class TrapoModule(L.LightningModule):
         advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
         samples = [s for group in groups for s in group]
         train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
-        losses = self._optimize(train_batch)
+        losses, grad_norm = self._optimize(train_batch)
         metrics = step_metrics(samples, losses)
-        metrics["train/grad_norm"] = self._last_grad_norm
+        metrics["train/grad_norm"] = grad_norm
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
 
-    def _optimize(self, batch: TrainBatch) -> list[TrapoLoss]:
+    def _optimize(self, batch: TrainBatch) -> tuple[list[TrapoLoss], float]:
+        """One optimizer step over the whole batch in micro-batches; the per-micro-batch losses and the grad norm."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         totals = dict(num_sequences=batch.input_ids.shape[0],
@@ -190,9 +188,9 @@ class TrapoModule(L.LightningModule):
             )
             self.manual_backward(loss.loss)
             losses.append(loss)
-        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
         optimizer.step()
-        return losses
+        return losses, grad_norm
 
     def _forward_logits(self, model: torch.nn.Module, chunk: TrainBatch) -> torch.Tensor:
         width = chunk.response_width

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from trapo_lightning.data.prompts import PromptTemplate
+from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.data.sources import DataSource, SyntheticSource
 from trapo_lightning.data.stream import PromptStream
 from trapo_lightning.models.sources import PolicySource
@@ -76,6 +77,9 @@ class TrapoDataModule(L.LightningDataModule):
                 f"the {split} split has {len(records)} usable records but one step across all ranks needs "
                 f"{needed}; add data or lower data.prompts_per_step / data.val_batch_size"
             )
+
+    def transfer_batch_to_device(self, batch: PromptBatch, device, dataloader_idx: int) -> PromptBatch:
+        return batch  # token ids as Python tuples; the training step builds its tensors on the device itself
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
