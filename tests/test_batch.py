@@ -1,0 +1,119 @@
+"""`build_train_batch`: hand-made samples to the padded tensors of one training forward, checked by hand."""
+
+import torch
+
+from trapo_lightning.batch import TrainBatch, build_train_batch
+from trapo_lightning.reward import Verdict
+from trapo_lightning.sampling import Sample
+
+PAD = 0
+P0 = (11, 12, 13)  # prompt 0: 3 tokens
+P1 = (31, 32, 33, 34, 35)  # prompt 1: 5 tokens -> prompt width Wp = 5
+
+
+def sample(prompt_index, micro_group, ratio, prompt, response, prefix_len) -> Sample:
+    policy_tokens = len(response) - prefix_len
+    return Sample(prompt_index, micro_group, ratio, prompt, response, prefix_len, (-1.0,) * policy_tokens, True,
+                  0.0, Verdict.wrong)
+
+
+SAMPLES = [
+    sample(0, 0, 0.0, P0, (21, 22, 23, 24), 0),  # A: unguided, 4 policy tokens
+    sample(1, 1, 0.25, P1, (41, 42, 51, 52, 53), 2),  # B: first guided of (prompt 1, mg 1): carries the prefix
+    sample(1, 1, 0.25, P1, (41, 42, 61), 2),  # C: same prefix, same (prompt, mg): no prefix loss
+    sample(1, 3, 1.0, P1, (41, 42, 43, 44), 4),  # D: full solution, no policy tokens; alone in (1, 3)
+    sample(0, 1, 0.25, P0, (71, 81), 1),  # E: (prompt 0, mg 1) is another pair: carries its own prefix
+]
+ADVANTAGES = torch.tensor([0.5, -0.25, -0.25, 0.75, 0.0], dtype=torch.float64)
+
+
+def build() -> TrainBatch:
+    return build_train_batch(SAMPLES, ADVANTAGES, PAD)
+
+
+def test_prompts_are_left_padded_and_responses_start_at_the_same_column():
+    batch = build()
+    # Wp = 5 (longest prompt), T = 5 (longest response)
+    expected = torch.tensor([
+        [PAD, PAD, 11, 12, 13, 21, 22, 23, 24, PAD],
+        [31, 32, 33, 34, 35, 41, 42, 51, 52, 53],
+        [31, 32, 33, 34, 35, 41, 42, 61, PAD, PAD],
+        [31, 32, 33, 34, 35, 41, 42, 43, 44, PAD],
+        [PAD, PAD, 11, 12, 13, 71, 81, PAD, PAD, PAD],
+    ])
+    assert torch.equal(batch.input_ids, expected)
+    assert torch.equal(batch.attention_mask, (expected != PAD).long())
+    assert batch.response_width == 5
+    for row, s in enumerate(SAMPLES):
+        assert tuple(batch.input_ids[row, 5 : 5 + len(s.response_ids)].tolist()) == s.response_ids
+
+
+def test_position_ids_count_real_tokens_only():
+    batch = build()
+    for row, s in enumerate(SAMPLES):
+        real = batch.attention_mask[row].bool()
+        count = len(s.prompt_ids) + len(s.response_ids)
+        # the first real token is position 0 whatever the left padding, as in generation
+        assert batch.position_ids[row][real].tolist() == list(range(count))
+    # row A: two pads, then 7 real tokens at positions 0..6
+    assert batch.position_ids[0, 2:9].tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_targets_are_the_response_columns():
+    batch = build()
+    assert torch.equal(batch.targets, batch.input_ids[:, 5:])
+    assert batch.targets.tolist()[2] == [41, 42, 61, PAD, PAD]
+
+
+def test_expert_mask_only_on_the_first_guided_sample_of_a_prompt_and_micro_group():
+    batch = build()
+    expected = torch.tensor([
+        [0, 0, 0, 0, 0],  # A: unguided
+        [1, 1, 0, 0, 0],  # B: carries the shared 2-token prefix
+        [0, 0, 0, 0, 0],  # C: same prefix as B, not counted again
+        [1, 1, 1, 1, 0],  # D: the whole response is expert
+        [1, 0, 0, 0, 0],  # E: its own (prompt, micro-group)
+    ], dtype=torch.bool)
+    assert batch.expert_mask.dtype == torch.bool
+    assert torch.equal(batch.expert_mask, expected)
+    # 2 + 4 + 1 expert tokens carry the SFT loss; C's copy of B's prefix is not among them
+    assert int(batch.expert_mask.sum()) == 7
+
+
+def test_policy_mask_covers_the_continuation_after_the_prefix():
+    batch = build()
+    expected = torch.tensor([
+        [1, 1, 1, 1, 0],  # A: all 4 of its tokens
+        [0, 0, 1, 1, 1],  # B: after the 2-token prefix
+        [0, 0, 1, 0, 0],  # C: its own token after the (unmasked) prefix
+        [0, 0, 0, 0, 0],  # D: nothing generated
+        [0, 1, 0, 0, 0],  # E
+    ], dtype=torch.bool)
+    assert torch.equal(batch.policy_mask, expected)
+    assert not bool((batch.policy_mask & batch.expert_mask).any())
+    # every policy token is a real token whose sampler log-prob we have
+    assert batch.policy_mask.sum(dim=1).tolist() == [len(s.rollout_logprobs) for s in SAMPLES]
+    assert bool((batch.targets[batch.policy_mask] != PAD).all())
+
+
+def test_advantages_are_float32_in_sample_order():
+    batch = build()
+    assert batch.advantages.dtype == torch.float32
+    assert batch.advantages.tolist() == [0.5, -0.25, -0.25, 0.75, 0.0]
+
+
+def test_chunks_are_row_slices_that_reassemble_the_batch():
+    batch = build()
+    chunks = list(batch.chunks(2))
+    assert [c.input_ids.shape[0] for c in chunks] == [2, 2, 1]
+    for field in TrainBatch._fields:
+        assert torch.equal(torch.cat([getattr(c, field) for c in chunks]), getattr(batch, field)), field
+    assert all(c.response_width == 5 for c in chunks)  # one width for the whole step
+
+
+def test_empty_responses_give_a_width_one_batch_with_no_loss_tokens():
+    # a request with no budget left returns no tokens
+    samples = [sample(0, 0, 0.0, P0, (), 0), sample(1, 0, 0.0, P1, (), 0)]
+    batch = build_train_batch(samples, torch.zeros(2), PAD)
+    assert batch.input_ids.shape == (2, 6)
+    assert not bool(batch.expert_mask.any()) and not bool(batch.policy_mask.any())

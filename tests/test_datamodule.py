@@ -1,0 +1,161 @@
+"""`TrapoDataModule` and `PromptStream`: the paper's prompt through the chat template, counted skips, rank shards.
+
+All runs use the tiny policy's real tokenizer, so the prompt ids checked here are the ones the rollout sees.
+"""
+
+import pytest
+
+from trapo_lightning.data.datamodule import TrapoDataModule
+from trapo_lightning.data.prompts import PromptTemplate
+from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord
+from trapo_lightning.data.sources import InvalidRecord, JsonlSource, SyntheticSource
+from trapo_lightning.data.stream import PromptStream
+from trapo_lightning.data.synthetic import SyntheticArithmetic
+
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def paper_prompt(problem: str) -> str:
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{problem}\n{PAPER_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def row(i: int, problem: str | None = None) -> dict:
+    solution = f"{i} + 1 = {i + 1}\n\n\\boxed{{{i + 1}}}"
+    return {"problem": problem or f"Compute {i} + 1.", "solution": solution, "answer": str(i + 1)}
+
+
+def stream(records, tokenizer, **kwargs) -> PromptStream:
+    options = dict(batch_size=1, max_prompt_tokens=1024, max_response_tokens=1024, shuffle=True, drop_last=False)
+    return PromptStream(records, tokenizer, PromptTemplate(), **{**options, **kwargs})
+
+
+def sources_of(batches) -> list[str]:
+    return [r.source for batch in batches for r in batch.records]
+
+
+def test_train_batches_carry_the_paper_prompt(tiny_policy_dir, tiny_tokenizer):
+    task = SyntheticArithmetic()
+    data = TrapoDataModule(
+        tiny_policy_dir, SyntheticSource(task, train_size=16, val_size=3), prompts_per_step=4, val_batch_size=2
+    )
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert len(batches) == 4  # 16 records / 4 per step
+    expected = {r.source: r for r in task.records("train", 16)}
+    for batch in batches:
+        assert isinstance(batch, PromptBatch) and len(batch) == 4
+        assert batch.skipped == {}
+        for record in batch.records:
+            assert isinstance(record, PromptRecord)
+            text = tiny_tokenizer.decode(record.prompt_ids)
+            assert text == paper_prompt(record.problem)
+            assert record.problem in text and PAPER_INSTRUCTION in text
+            source = expected[record.source]
+            assert (record.problem, record.solution, record.answer) == (source.problem, source.solution, source.answer)
+    assert sorted(sources_of(batches)) == sorted(expected)  # one epoch sees every record once
+
+    # validation: unshuffled, the last batch kept even if short (3 = 2 + 1)
+    val = list(data.val_dataloader())
+    assert [len(b) for b in val] == [2, 1]
+    assert sources_of(val) == [f"synthetic:val:{i}" for i in range(3)]
+
+
+def test_over_long_prompt_is_skipped_and_counted(tiny_policy_dir, tiny_tokenizer, write_jsonl):
+    long_problem = "Compute " + " + ".join(["1"] * 100) + "."
+    rows = [row(i) for i in range(9)]
+    rows.insert(1, row(99, long_problem))
+    train = write_jsonl("train.jsonl", rows)
+    # the limit is exactly the longest normal prompt: every normal one fits (<=), the long one does not
+    limit = max(len(PromptTemplate().token_ids(tiny_tokenizer, f"Compute {i} + 1.")) for i in range(9))
+    assert len(PromptTemplate().token_ids(tiny_tokenizer, long_problem)) > limit
+    data = TrapoDataModule(
+        tiny_policy_dir, JsonlSource([train], val_files=[train]), prompts_per_step=3, val_batch_size=2,
+        max_prompt_tokens=limit,
+    )
+    data.setup("fit")
+
+    batches = list(data.train_dataloader())
+    assert [len(b) for b in batches] == [3, 3, 3]
+    problems = [r.problem for b in batches for r in b.records]
+    assert sorted(problems) == sorted(f"Compute {i} + 1." for i in range(9))
+    assert data.streams["train"].skipped == {"prompt_too_long": 1}
+
+    # in file order (validation), the long prompt is line 2, so every batch reports the skip
+    val = list(data.val_dataloader())
+    assert [len(b) for b in val] == [2, 2, 2, 2, 1]
+    assert [b.skipped for b in val] == [{"prompt_too_long": 1}] * 5
+
+
+def test_over_long_solution_is_skipped_and_counted(tiny_tokenizer):
+    short, long = "1 + 1 = 2\n\n\\boxed{2}", "1 + 1 = 2\n\n2 + 1 = 3\n\n\\boxed{3}"
+    limit = len(tiny_tokenizer(short)["input_ids"]) + 1  # the short solution + EOS fits exactly
+    assert len(tiny_tokenizer(long)["input_ids"]) + 1 > limit
+    records = [MathRecord("Compute 1 + 1.", text, "2", source=name) for name, text in zip("abc", (short, long, short))]
+    batches = list(stream(records, tiny_tokenizer, max_response_tokens=limit, shuffle=False))
+    assert sources_of(batches) == ["a", "c"]
+    assert [b.skipped for b in batches] == [{}, {"solution_too_long": 1}]
+
+
+def test_rank_shards_are_disjoint_equal_and_cover(tiny_tokenizer):
+    records = SyntheticArithmetic().records("train", 21)
+    shards = [sources_of(stream(records, tiny_tokenizer, rank=r, world_size=2, seed=5)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 10  # floor(21 / 2)
+    assert not set(shards[0]) & set(shards[1])
+    assert len(set(shards[0]) | set(shards[1])) == 20  # floor(21 / 2) * 2, one record left out this epoch
+
+
+def test_epochs_reshuffle_deterministically_by_seed(tiny_tokenizer):
+    records = SyntheticArithmetic().records("train", 24)
+    first = stream(records, tiny_tokenizer, seed=1)
+    epoch1, epoch2 = sources_of(first), sources_of(first)
+    assert epoch1 != epoch2
+    assert sorted(epoch1) == sorted(epoch2) == sorted(r.source for r in records)
+    again = stream(records, tiny_tokenizer, seed=1)
+    assert (sources_of(again), sources_of(again)) == (epoch1, epoch2)
+    assert sources_of(stream(records, tiny_tokenizer, seed=2)) != epoch1
+    assert sources_of(stream(records, tiny_tokenizer, shuffle=False)) == [r.source for r in records]
+
+
+def test_drop_last_keeps_only_full_batches(tiny_tokenizer):
+    records = SyntheticArithmetic().records("train", 10)
+    assert [len(b) for b in stream(records, tiny_tokenizer, batch_size=4, drop_last=True)] == [4, 4]
+    assert [len(b) for b in stream(records, tiny_tokenizer, batch_size=4, drop_last=False)] == [4, 4, 2]
+
+
+def test_too_small_split_fails_at_setup_naming_it(tiny_policy_dir, write_jsonl):
+    small = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=3, val_size=2), prompts_per_step=4)
+    with pytest.raises(ValueError, match=r"the train split has 3 usable records .* needs 4"):
+        small.setup("fit")
+    no_val = TrapoDataModule(tiny_policy_dir, JsonlSource([write_jsonl("train.jsonl", [row(0)])]), prompts_per_step=1)
+    with pytest.raises(ValueError, match=r"the val split has 0 usable records"):
+        no_val.setup("fit")
+
+
+def test_invalid_row_surfaces_file_and_line(tiny_policy_dir, write_jsonl):
+    train = write_jsonl("train.jsonl", [row(0), dict(row(1), answer=42), row(2)])
+    data = TrapoDataModule(tiny_policy_dir, JsonlSource([train], val_files=[train]), prompts_per_step=1)
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:2: field 'answer' must be a string"):
+        data.setup("fit")
+
+
+def test_skipped_invalid_rows_travel_with_every_batch(tiny_policy_dir, write_jsonl):
+    train = write_jsonl("train.jsonl", [row(0), dict(row(1), solution=""), row(2), "{oops", row(3), row(4)])
+    data = TrapoDataModule(
+        tiny_policy_dir, JsonlSource([train], val_files=[train], skip_invalid=True), prompts_per_step=2,
+        val_batch_size=4,
+    )
+    with pytest.warns(UserWarning, match="skipped malformed rows"):
+        data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert [len(b) for b in batches] == [2, 2]
+    assert all(b.skipped == {"invalid_empty_solution": 1, "invalid_undecodable": 1} for b in batches)
+
+
+def test_argument_and_policy_errors(tiny_policy_dir):
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        TrapoDataModule(tiny_policy_dir, prompts_per_step=0)
+    with pytest.raises(ValueError, match="needs `policy`"):
+        TrapoDataModule(None, SyntheticSource(train_size=4, val_size=1)).setup("fit")

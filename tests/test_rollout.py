@@ -1,0 +1,180 @@
+"""`HFGenerateEngine` on a tiny real Qwen2: budgets, EOS, sampler log-probs against a plain forward, splitting."""
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, tiny_qwen2  # noqa: F401 (autouse fixture)
+from trapo_lightning.rollout import HFGenerateEngine, RolloutRequest, SamplingParams
+
+TEMPERATURE = 0.7
+
+
+class EosBias:
+    """Forward hook on the LM head that shifts the EOS logit, so a random tiny model can be made to end rows when a
+    test needs it: by `value` at every position, or, with `at_call = k`, +50 at the k-th forward of a `generate`
+    (0 is the prefill, so new token k) and -50 at every other."""
+
+    def __init__(self, eos: int):
+        self.eos = eos
+        self.value = 0.0
+        self.at_call = None
+        self.calls = 0
+
+    def __call__(self, module, inputs, output):
+        bias = self.value if self.at_call is None else (50.0 if self.calls == self.at_call else -50.0)
+        self.calls += 1
+        output = output.clone()
+        output[..., self.eos] += bias
+        return output
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    source = tiny_qwen2(tmp_path_factory.mktemp("rollout") / "model")
+    tokenizer = source.load_tokenizer()
+    policy = source.load_model().train()
+    eos_bias = EosBias(tokenizer.eos_token_id)
+    policy.lm_head.register_forward_hook(eos_bias)  # part of the policy: generate and plain forwards both see it
+    return policy, tokenizer, eos_bias
+
+
+@pytest.fixture
+def policy_and_tokenizer(model):
+    policy, tokenizer, eos_bias = model
+    eos_bias.value, eos_bias.at_call, eos_bias.calls = 0.0, None, 0
+    return policy, tokenizer
+
+
+@pytest.fixture
+def eos_bias(model, policy_and_tokenizer):
+    return model[2]
+
+
+@pytest.fixture
+def engine(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    engine = HFGenerateEngine(max_batch_size=3)
+    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return engine
+
+
+def requests_for(tokenizer, budgets):
+    prompts = ["1 + 2 =", "34 + 5 - 6 =", "7", "Compute 8 + 9.", "10 - 4 =", "what?", "2 + 2 + 2 + 2 ="]
+    return [
+        RolloutRequest(tuple(tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]), budget)
+        for i, budget in enumerate(budgets)
+    ]
+
+
+def plain_forward_logprobs(policy, prompt_ids, new_ids, temperature) -> torch.Tensor:
+    """log softmax(logits / T) at the sampled ids, from one unpadded forward over prompt + sampled ids."""
+    sequence = torch.tensor([list(prompt_ids) + list(new_ids)])
+    with torch.no_grad():
+        logits = policy(input_ids=sequence, use_cache=False).logits[0].float()  # [L, V]
+    start = len(prompt_ids) - 1  # position start + j predicts new token j
+    steps = logits[start : start + len(new_ids)] / temperature  # [n, V]
+    return torch.log_softmax(steps, dim=-1).gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)
+
+
+def test_generate_before_bind_raises_a_clear_error():
+    with pytest.raises(RuntimeError, match="before bind"):
+        HFGenerateEngine().generate([RolloutRequest((5, 6), 3)], SamplingParams())
+
+
+def test_rejects_a_non_positive_batch_cap():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        HFGenerateEngine(max_batch_size=0)
+
+
+def test_rows_without_eos_run_to_their_own_budget(engine, policy_and_tokenizer, eos_bias):
+    policy, tokenizer = policy_and_tokenizer
+    eos_bias.value = -50.0  # EOS is never sampled
+    budgets = [1, 6, 3, 12, 2, 8, 5]  # one generate call per 3 rows runs to the row-group's longest budget
+    generations = engine.generate(requests_for(tokenizer, budgets), SamplingParams(temperature=TEMPERATURE))
+    assert [len(g.token_ids) for g in generations] == budgets
+    assert [len(g.logprobs) for g in generations] == budgets
+    assert not any(g.finished for g in generations)
+    assert all(tokenizer.eos_token_id not in g.token_ids for g in generations)
+    assert policy.training  # generate ran in eval mode and gave the policy back as it was
+
+
+def test_rows_stop_at_eos_and_keep_it(policy_and_tokenizer, eos_bias):
+    policy, tokenizer = policy_and_tokenizer
+    eos = tokenizer.eos_token_id
+    engine = HFGenerateEngine()  # one generate call: every row sees EOS at the same step
+    engine.bind(policy, eos, tokenizer.pad_token_id)
+    eos_bias.at_call = 2  # new token 2 (the third) is EOS in every row
+    budgets = [1, 2, 3, 5, 8]
+    generations = engine.generate(requests_for(tokenizer, budgets), SamplingParams(temperature=TEMPERATURE))
+    # budget 1 and 2 end before the EOS (cut, unfinished); the others end with it (kept, finished), and nothing
+    # after it survives although the call ran on for the other rows' budgets
+    assert [len(g.token_ids) for g in generations] == [1, 2, 3, 3, 3]
+    assert [g.finished for g in generations] == [False, False, True, True, True]
+    for gen in generations:
+        assert (gen.token_ids[-1] == eos) == gen.finished
+        assert eos not in gen.token_ids[:-1]
+        assert len(gen.logprobs) == len(gen.token_ids)
+    assert generations[2].logprobs[-1] == pytest.approx(0.0, abs=1e-6)  # the +50 EOS is certain
+
+
+def test_sampled_rows_are_consistent_whatever_they_sample(engine, policy_and_tokenizer, eos_bias):
+    _, tokenizer = policy_and_tokenizer
+    eos = tokenizer.eos_token_id
+    eos_bias.value = 3.0  # some rows end early, some run out
+    budgets = [1, 6, 3, 12, 2, 8, 5, 12, 12]
+    torch.manual_seed(0)
+    generations = engine.generate(requests_for(tokenizer, budgets), SamplingParams(temperature=TEMPERATURE))
+    assert len(generations) == len(budgets)
+    for gen, budget in zip(generations, budgets):
+        assert 1 <= len(gen.token_ids) <= budget
+        assert len(gen.logprobs) == len(gen.token_ids)
+        # finished <=> the row ended with EOS, which is kept and appears nowhere else
+        assert gen.finished == (gen.token_ids[-1] == eos)
+        assert eos not in gen.token_ids[:-1]
+        if not gen.finished:
+            assert len(gen.token_ids) == budget  # only the budget stops a row without EOS
+
+
+def test_logprobs_are_the_policy_log_softmax_over_temperature_at_the_sampled_ids(
+    engine, policy_and_tokenizer, eos_bias
+):
+    policy, tokenizer = policy_and_tokenizer
+    eos_bias.value = 1.0  # the hooked logits are the policy's: the sampler and the forward both see them
+    requests = requests_for(tokenizer, [10, 4, 10, 7, 10])  # different prompt lengths: left padding in generate
+    torch.manual_seed(1)
+    generations = engine.generate(requests, SamplingParams(temperature=TEMPERATURE))
+    for request, gen in zip(requests, generations):
+        expected = plain_forward_logprobs(policy, request.token_ids, gen.token_ids, TEMPERATURE)
+        torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=1e-4, rtol=0)
+        # and not at T = 1: the temperature really is part of the log-prob
+        at_one = plain_forward_logprobs(policy, request.token_ids, gen.token_ids, 1.0)
+        assert not torch.allclose(torch.tensor(gen.logprobs), at_one, atol=1e-3)
+
+
+def test_more_requests_than_the_batch_cap_are_split_transparently(engine, policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    batch_sizes = []
+
+    def record(module, args, kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+
+    handle = policy.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        requests = requests_for(tokenizer, [4, 6, 2, 5, 3, 6, 1])  # 7 requests, cap 3 -> calls of 3, 3, 1
+        torch.manual_seed(2)
+        generations = engine.generate(requests, SamplingParams(temperature=TEMPERATURE))
+    finally:
+        handle.remove()
+    assert len(generations) == 7
+    assert set(batch_sizes) == {3, 1} and max(batch_sizes) <= engine.max_batch_size
+    # results come back in request order: each matches a forward over its own prompt
+    for request, gen in zip(requests, generations):
+        assert len(gen.token_ids) <= request.max_new_tokens
+        expected = plain_forward_logprobs(policy, request.token_ids, gen.token_ids, TEMPERATURE)
+        torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_zero_budget_returns_empty_unfinished_generations(engine, policy_and_tokenizer):
+    _, tokenizer = policy_and_tokenizer
+    generations = engine.generate(requests_for(tokenizer, [0, 0]), SamplingParams())
+    assert [tuple(g) for g in generations] == [([], [], False), ([], [], False)]

@@ -1,0 +1,194 @@
+"""Micro-group sampling (TRAPO.md, "Per-prompt sampling: micro-groups") with scripted rewards and rollouts.
+
+The engine always continues with "42" + EOS and the grader returns rewards chosen per micro-group, so every
+guidance decision of the paper's rule (sizes 4, 2, 1, 1; thresholds -1, 0.5, 0.7, 0.9; ratios 0, 0.25, 0.5, 1)
+can be worked out by hand.
+"""
+
+import pytest
+
+from helpers import ScriptedEngine, ScriptedGrader, tiny_qwen2
+from trapo_lightning.data.records import PromptRecord
+from trapo_lightning.guidance import MicroGroupGuidance
+from trapo_lightning.reward import Verdict
+from trapo_lightning.rollout.base import RolloutRequest, SamplingParams
+from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
+
+# 44 characters; paragraph breaks at 9-10, 20-21 and 32-33.
+SOLUTION = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n\\boxed{12}"
+# ratio 0.25: raw cut int(44 * 0.25) = 11; first "\n\n" in [11, int(44 * 0.55) = 24) is at 20 -> cut 22.
+PREFIX_25 = "1 + 2 = 3\n\n3 + 4 = 7\n\n"
+# ratio 0.5: raw cut 22; first "\n\n" in [22, int(44 * 0.8) = 35) is at 32 -> cut 34.
+PREFIX_50 = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n"
+MAX_RESPONSE_TOKENS = 64
+
+# Rewards per prompt (keyed by its answer) and micro-group; the comments follow the rule "guide micro-group i
+# when the mean reward of all earlier samples is < t_i".
+SCRIPT = {
+    # solves everything: 4/4 = 1 >= 0.5, 6/6 >= 0.7, 7/7 >= 0.9 -> never guided
+    "p0": [[1, 1, 1, 1], [1, 1], [1], [1]],
+    # solves nothing alone: 0/4 < 0.5 -> 0.25; 1/6 = 0.17 < 0.7 -> 0.5; 1/7 = 0.14 < 0.9 -> 1.0
+    "p1": [[0, 0, 0, 0], [1, 0], [0], [1]],
+    # 3/4 = 0.75 >= 0.5 -> unguided; 5/6 = 0.83 >= 0.7 -> unguided; 6/7 = 0.857 < 0.9 -> 1.0 (one miss is enough)
+    "p2": [[1, 1, 1, 0], [1, 1], [1], [1]],
+    # 2/4 = 0.5 is not < 0.5 -> unguided; 4/6 = 0.667 < 0.7 -> 0.5 (the paper's form; the code's `correct < 4`
+    # would not guide); 5/7 = 0.714 < 0.9 -> 1.0
+    "p3": [[1, 1, 0, 0], [1, 1], [1], [1]],
+}
+EXPECTED_RATIOS = {
+    "p0": [0.0] * 8,
+    "p1": [0.0] * 4 + [0.25, 0.25, 0.5, 1.0],
+    "p2": [0.0] * 7 + [1.0],
+    "p3": [0.0] * 6 + [0.5, 1.0],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The embedded policy's own tokenizer, loaded back from its folder."""
+    return tiny_qwen2(tmp_path_factory.mktemp("sampling") / "model").load_tokenizer()
+
+
+def ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def continuation(tokenizer) -> tuple[int, ...]:
+    """What the scripted engine returns: two digits (always one token each) and EOS."""
+    return ids(tokenizer, "42") + (tokenizer.eos_token_id,)
+
+
+def make_records(tokenizer) -> list[PromptRecord]:
+    return [
+        PromptRecord(ids(tokenizer, f"Problem {name}?"), f"Problem {name}?", SOLUTION, name) for name in SCRIPT
+    ]
+
+
+@pytest.fixture(scope="module")
+def scenario(tokenizer):
+    records = make_records(tokenizer)
+    engine = ScriptedEngine(continuation(tokenizer), logprob=-0.25)
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    grader = ScriptedGrader(SCRIPT)
+    samples = sample_micro_groups(
+        records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer), SamplingParams(), MAX_RESPONSE_TOKENS
+    )
+    return records, engine, grader, samples
+
+
+def test_each_prompt_gets_its_group_in_micro_group_order(scenario):
+    records, _, _, samples = scenario
+    assert len(samples) == len(records)
+    for p, row in enumerate(samples):
+        assert [s.prompt_index for s in row] == [p] * 8
+        assert [s.micro_group for s in row] == [0, 0, 0, 0, 1, 1, 2, 3]
+        assert [s.prompt_ids for s in row] == [records[p].prompt_ids] * 8
+
+
+def test_prefix_ratio_of_every_sample_follows_the_rule(scenario):
+    records, _, _, samples = scenario
+    for record, row in zip(records, samples):
+        assert [s.prefix_ratio for s in row] == EXPECTED_RATIOS[record.answer], record.answer
+
+
+def test_rewards_and_verdicts_come_from_the_grader_in_sample_order(scenario):
+    records, _, _, samples = scenario
+    for record, row in zip(records, samples):
+        expected = [float(r) for group in SCRIPT[record.answer] for r in group]
+        assert [s.reward for s in row] == expected
+        assert [s.verdict for s in row] == [Verdict.correct if r else Verdict.wrong for r in expected]
+
+
+def test_guided_samples_start_with_the_paragraph_snapped_expert_prefix(scenario, tokenizer):
+    _, _, _, samples = scenario
+    generated = continuation(tokenizer)
+    prefixes = {0.25: ids(tokenizer, PREFIX_25), 0.5: ids(tokenizer, PREFIX_50)}
+    checked = 0
+    for row in samples:
+        for s in row:
+            if s.prefix_ratio in prefixes:
+                prefix = prefixes[s.prefix_ratio]
+                assert s.prefix_len == len(prefix) > 0
+                assert s.response_ids == prefix + generated
+                assert s.rollout_logprobs == (-0.25,) * len(generated)  # the policy's ids only
+                assert s.finished and s.guided
+                checked += 1
+            elif s.prefix_ratio == 0.0:
+                assert s.prefix_len == 0 and not s.guided
+                assert s.response_ids == generated
+                assert s.rollout_logprobs == (-0.25,) * len(generated)
+    assert checked == 4  # p1: two at 0.25 and one at 0.5; p3: one at 0.5
+
+
+def test_ratio_one_makes_the_full_solution_plus_eos_the_response_with_nothing_generated(scenario, tokenizer):
+    records, engine, grader, samples = scenario
+    full = ids(tokenizer, SOLUTION) + (tokenizer.eos_token_id,)
+    last = [row[-1] for row in samples]
+    for s in last[1:]:  # p1, p2, p3 are guided at 1.0 in micro-group 4
+        assert s.prefix_ratio == 1.0
+        assert s.response_ids == full
+        assert s.prefix_len == len(full)
+        assert s.rollout_logprobs == ()
+        assert s.finished
+    # Micro-group 4 sent only p0's (unguided) request to the engine ...
+    assert len(engine.calls[3]) == 1
+    assert engine.calls[3][0] == RolloutRequest(records[0].prompt_ids, MAX_RESPONSE_TOKENS)
+    # ... but all four were graded, the guided ones on the expert solution itself (EOS is a special token).
+    assert [answer for _, answer in grader.calls[3]] == ["p0", "p1", "p2", "p3"]
+    assert [text for text, _ in grader.calls[3]] == ["42", SOLUTION, SOLUTION, SOLUTION]
+
+
+def test_engine_requests_carry_prompt_plus_prefix_and_the_remaining_budget(scenario, tokenizer):
+    records, engine, grader, _ = scenario
+    assert [len(call) for call in engine.calls] == [16, 8, 4, 1]
+    assert len(grader.calls) == 4
+    prompt = {r.answer: r.prompt_ids for r in records}
+    p25, p50 = ids(tokenizer, PREFIX_25), ids(tokenizer, PREFIX_50)
+    # micro-group 2 (index 1): p0 unguided x2, p1 at 0.25 x2, p2 unguided x2, p3 unguided x2
+    assert engine.calls[1] == [
+        RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p1"] + p25, MAX_RESPONSE_TOKENS - len(p25)),
+        RolloutRequest(prompt["p1"] + p25, MAX_RESPONSE_TOKENS - len(p25)),
+        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
+    ]
+    # micro-group 3: p1 and p3 at 0.5
+    assert engine.calls[2] == [
+        RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p1"] + p50, MAX_RESPONSE_TOKENS - len(p50)),
+        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p3"] + p50, MAX_RESPONSE_TOKENS - len(p50)),
+    ]
+
+
+def test_a_continuation_cut_by_the_budget_is_not_finished(tokenizer):
+    # The 0.25 prefix leaves room for exactly the two digits, not for the EOS.
+    budget = len(ids(tokenizer, PREFIX_25)) + 2
+    records = make_records(tokenizer)[1:2]
+    engine = ScriptedEngine(continuation(tokenizer))
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    grader = ScriptedGrader({"p1": SCRIPT["p1"]})
+    (row,) = sample_micro_groups(
+        records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer), SamplingParams(), budget
+    )
+    guided = [s for s in row if s.prefix_ratio == 0.25]
+    assert [s.response_ids for s in guided] == [ids(tokenizer, PREFIX_25) + ids(tokenizer, "42")] * 2
+    assert not any(s.finished for s in guided)
+    assert all(s.finished for s in row[:4])  # unguided: "42" + EOS fits
+
+
+def test_expert_prefixer_cuts_on_paragraphs_and_ends_the_full_solution_with_eos(tokenizer):
+    prefixer = ExpertPrefixer(tokenizer)
+    record = make_records(tokenizer)[0]
+    assert prefixer(record, 0.0) == ()
+    assert prefixer(record, 0.25) == ids(tokenizer, PREFIX_25)
+    assert prefixer(record, 0.5) == ids(tokenizer, PREFIX_50)
+    full = prefixer(record, 1.0)
+    assert full[-1] == tokenizer.eos_token_id
+    assert full == ids(tokenizer, SOLUTION) + (tokenizer.eos_token_id,)
+    # the prefix is cut on the text, then tokenized: it decodes back to exactly the snapped text
+    assert tokenizer.decode(prefixer(record, 0.25)) == PREFIX_25
+    assert tokenizer.decode(full, skip_special_tokens=True) == SOLUTION

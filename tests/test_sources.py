@@ -1,0 +1,112 @@
+"""JSONL data source: a malformed row names `file:line` and the field, or is skipped and counted per reason.
+
+A bad row must never become an empty prompt or a silently zero reward later on, so each failure mode is written
+to a real file and read back through `JsonlSource` (and `parse_row` for the single-row contract).
+"""
+
+import re
+from collections import Counter
+
+import pytest
+
+from trapo_lightning.data.records import MathRecord
+from trapo_lightning.data.sources import FieldMap, InvalidRecord, JsonlSource, parse_row
+
+GOOD = {"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3\n\n\\boxed{3}", "answer": "3"}
+
+# (bad row, skip reason, text the message must contain besides file:line)
+BAD_ROWS = [
+    ({"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3"}, "missing_answer", "'answer'"),
+    ({"problem": "Compute 1 + 2.", "solution": "", "answer": "3"}, "empty_solution", "'solution'"),
+    ({"problem": "Compute 1 + 2.", "solution": " \n\n ", "answer": "3"}, "empty_solution", "'solution'"),
+    ({"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3", "answer": 42}, "non_string_answer", "'answer'"),
+    ({"problem": None, "solution": "1 + 2 = 3", "answer": "3"}, "non_string_problem", "'problem'"),
+    ('{"problem": "Compute 1 + 2.", "answer": ', "undecodable", "not a valid UTF-8 JSON line"),
+    (b'{"problem": "Compute \xff", "solution": "x", "answer": "3"}', "undecodable", "not a valid UTF-8 JSON line"),
+    ("[1, 2, 3]", "not_an_object", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("bad, reason, mentions", BAD_ROWS)
+def test_bad_row_names_file_line_and_field(write_jsonl, bad, reason, mentions):
+    path = write_jsonl("train.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:2: ") as raised:
+        JsonlSource([path]).load("train")
+    assert mentions in str(raised.value)
+    assert raised.value.reason == reason
+    assert isinstance(raised.value, ValueError)
+
+
+def test_skip_invalid_counts_per_reason_and_keeps_valid_rows(write_jsonl):
+    good_rows = [dict(GOOD, problem=f"Compute {i} + 2.") for i in range(3)]
+    rows = [good_rows[0], *(bad for bad, _, _ in BAD_ROWS), good_rows[1], good_rows[2]]
+    path = write_jsonl("train.jsonl", rows)
+    records, skipped = JsonlSource([path], skip_invalid=True).load("train")
+    assert [r.problem for r in records] == [r["problem"] for r in good_rows]
+    assert skipped == Counter(
+        missing_answer=1, empty_solution=2, non_string_answer=1, non_string_problem=1, undecodable=2, not_an_object=1
+    )
+    # the good rows sit on lines 1, 10 and 11 (eight bad rows between)
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:10", f"{path}:11"]
+
+
+def test_field_mapping(write_jsonl):
+    row = {"question": "Compute 4 - 1.", "reasoning": "4 - 1 = 3\n\n\\boxed{3}", "final": "3", "extra": 1}
+    path = write_jsonl("mapped.jsonl", [row])
+    fields = FieldMap(problem="question", solution="reasoning", answer="final")
+    records, skipped = JsonlSource([path], fields=fields).load("train")
+    assert records == [MathRecord("Compute 4 - 1.", "4 - 1 = 3\n\n\\boxed{3}", "3", source=f"{path}:1")]
+    assert not skipped
+
+
+def test_mapped_field_error_names_both_keys(write_jsonl):
+    path = write_jsonl("mapped.jsonl", [{"question": "Compute 4 - 1.", "reasoning": "4 - 1 = 3", "answer": "3"}])
+    fields = FieldMap(problem="question", solution="reasoning", answer="final")
+    with pytest.raises(InvalidRecord, match=r"mapped\.jsonl:1: field 'final' \(the answer field\) is missing"):
+        JsonlSource([path], fields=fields).load("train")
+
+
+def test_blank_lines_are_ignored_but_line_numbers_kept(write_jsonl):
+    path = write_jsonl("train.jsonl", [GOOD, "", "   ", dict(GOOD, answer=7)])
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:4: "):
+        JsonlSource([path]).load("train")
+    path = write_jsonl("train.jsonl", ["", GOOD, "\t", GOOD, ""])
+    records, skipped = JsonlSource([path]).load("train")
+    assert [r.source for r in records] == [f"{path}:2", f"{path}:4"]
+    assert not skipped
+
+
+def test_several_files_in_order(write_jsonl):
+    first = write_jsonl("a.jsonl", [dict(GOOD, problem="A")])
+    second = write_jsonl("b.jsonl", [dict(GOOD, problem="B"), dict(GOOD, problem="C")])
+    records, _ = JsonlSource([first, second]).load("train")
+    assert [r.problem for r in records] == ["A", "B", "C"]
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        JsonlSource([str(missing)]).load("train")
+
+
+def test_val_rows_need_no_solution(write_jsonl):
+    train = write_jsonl("train.jsonl", [GOOD])
+    val = write_jsonl("val.jsonl", [{"problem": "Compute 5 + 5.", "answer": "10"}])
+    source = JsonlSource([train], val_files=[val])
+    records, skipped = source.load("val")
+    assert [(r.problem, r.answer) for r in records] == [("Compute 5 + 5.", "10")]
+    assert not skipped
+    # the same row is not a training row: training needs the expert solution
+    with pytest.raises(InvalidRecord, match=r"val\.jsonl:1: field 'solution' is missing"):
+        JsonlSource([val]).load("train")
+    # a val row still needs its answer, the verifier's key
+    bad_val = write_jsonl("bad_val.jsonl", [{"problem": "Compute 5 + 5."}])
+    with pytest.raises(InvalidRecord, match=r"bad_val\.jsonl:1: field 'answer' is missing"):
+        JsonlSource([train], val_files=[bad_val]).load("val")
+
+
+def test_parse_row_directly():
+    raw = b'{"problem": "p", "solution": "s", "answer": "a"}'
+    assert parse_row(raw, "x.jsonl:3", FieldMap(), need_solution=True) == MathRecord("p", "s", "a", "x.jsonl:3")
+    with pytest.raises(InvalidRecord, match=r"^x\.jsonl:3: field 'answer' must be a string, got int 42$"):
+        parse_row(b'{"problem": "p", "solution": "s", "answer": 42}', "x.jsonl:3", FieldMap(), need_solution=True)

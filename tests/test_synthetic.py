@@ -1,0 +1,135 @@
+"""The embedded synthetic task: chained integer arithmetic with blank-line separated steps and a boxed answer.
+
+Every solution line is re-checked with integer arithmetic parsed by a regex (never `eval`), so the expert
+solutions the policy is trained on are right, and the prefix cut has real "\\n\\n" boundaries to snap to.
+"""
+
+import re
+
+import pytest
+
+from trapo_lightning.data.sources import SyntheticSource
+from trapo_lightning.data.synthetic import SyntheticArithmetic
+
+PROBLEM = re.compile(r"^Compute (\d+(?: [+-] \d+)+)\.$")
+STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
+BOXED = re.compile(r"^\\boxed\{(\d+)\}$")
+
+
+def check_record(record, task: SyntheticArithmetic) -> None:
+    """Parse the problem and each solution line, and redo the arithmetic with ints."""
+    expression = PROBLEM.match(record.problem)
+    assert expression, record.problem
+    tokens = expression.group(1).split(" ")
+    operands, operators = [int(t) for t in tokens[::2]], tokens[1::2]
+    assert len(operands) == task.num_operands
+    assert all(0 <= value < 10**task.digits for value in operands)
+    assert set(operators) <= set("+-")
+
+    *steps, last = record.solution.split("\n\n")
+    assert len(steps) == task.num_operands - 1
+    total = operands[0]
+    for line, value, op in zip(steps, operands[1:], operators):
+        step = STEP.match(line)
+        assert step, f"not 'a op b = c': {line!r}"  # \d+ also rules out a negative anywhere in the line
+        a, step_op, b, c = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4))
+        assert (a, step_op, b) == (total, op, value)  # the line continues from the previous result
+        assert c == (a + b if step_op == "+" else a - b)
+        assert c >= 0
+        total = c
+    boxed = BOXED.match(last)
+    assert boxed, last
+    assert record.solution.endswith(f"\\boxed{{{record.answer}}}")
+    assert record.answer == boxed.group(1) == str(total)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"num_operands": 2, "digits": 1},
+        {"num_operands": 5, "digits": 3},
+        {"operations": "+"},
+        {"operations": "-", "num_operands": 4},
+    ],
+)
+def test_every_step_is_correct_integer_arithmetic(kwargs):
+    task = SyntheticArithmetic(**kwargs)
+    for split in ("train", "val"):
+        for record in task.records(split, 100):
+            check_record(record, task)
+
+
+def test_solution_layout():
+    # seed 0, train, index 0 is "Compute 35 + 54 + 56.": 35 + 54 = 89, 89 + 56 = 145
+    record = SyntheticArithmetic().record("train", 0)
+    assert record.problem == "Compute 35 + 54 + 56."
+    assert record.solution == "35 + 54 = 89\n\n89 + 56 = 145\n\n\\boxed{145}"
+    assert record.answer == "145"
+    assert record.source == "synthetic:train:0"
+
+
+def test_subtraction_below_zero_becomes_addition():
+    # operations "-" only: a "+" appears exactly where subtracting would have gone below zero
+    task = SyntheticArithmetic(operations="-", num_operands=4)
+    records = task.records("train", 200)
+    plus_lines = 0
+    for record in records:
+        for line in record.solution.split("\n\n")[:-1]:
+            a, op, b, _ = STEP.match(line).groups()
+            if op == "+":
+                plus_lines += 1
+                assert int(b) > int(a)
+            else:
+                assert int(b) <= int(a)
+    assert plus_lines > 0  # the rule was exercised
+
+
+def test_deterministic_by_seed():
+    first = SyntheticArithmetic(seed=3).records("train", 50)
+    assert SyntheticArithmetic(seed=3).records("train", 50) == first
+    assert SyntheticArithmetic(seed=3).record("train", 17) == first[17]  # a pure function of (seed, split, index)
+    other = SyntheticArithmetic(seed=4).records("train", 50)
+    assert [r.problem for r in other] != [r.problem for r in first]
+
+
+def test_train_and_val_are_disjoint():
+    task = SyntheticArithmetic()
+    train = {r.problem for r in task.records("train", 2000)}
+    val = {r.problem for r in task.records("val", 200)}
+    assert len(val) > 150  # mostly distinct problems, so disjointness is not vacuous
+    assert not train & val
+
+
+def test_synthetic_source_sizes():
+    source = SyntheticSource(SyntheticArithmetic(seed=1), train_size=7, val_size=3)
+    train, skipped = source.load("train")
+    val, _ = source.load("val")
+    assert (len(train), len(val), skipped) == (7, 3, {})
+    assert train == SyntheticArithmetic(seed=1).records("train", 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_operands": 1}, "num_operands"),
+        ({"digits": 0}, "digits"),
+        ({"digits": 7}, "digits"),
+        ({"operations": ""}, "operations"),
+        ({"operations": "+*"}, "operations"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+    ],
+)
+def test_argument_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticArithmetic(**kwargs)
+
+
+def test_unknown_split_and_empty_source():
+    with pytest.raises(ValueError, match="split must be one of"):
+        SyntheticArithmetic().record("test", 0)
+    with pytest.raises(ValueError, match="train_size and val_size"):
+        SyntheticSource(train_size=0)
+    with pytest.raises(ValueError, match="train_size and val_size"):
+        SyntheticSource(val_size=0)
