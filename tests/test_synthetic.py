@@ -1,7 +1,8 @@
-"""The embedded synthetic task: chained integer arithmetic with blank-line separated steps and a boxed answer.
+"""The embedded synthetic task: chained integer arithmetic, column work per paragraph, and a boxed answer.
 
-Every solution line is re-checked with integer arithmetic parsed by a regex (never `eval`), so the expert
-solutions the policy is trained on are right, and the prefix cut has real "\\n\\n" boundaries to snap to.
+Every solution paragraph and every column in it is re-checked with integer arithmetic parsed by a regex (never
+`eval`), so the expert solutions the policy is trained on are right, and the prefix cut has real "\\n\\n"
+boundaries to snap to.
 """
 
 import re
@@ -12,8 +13,27 @@ from trapo_lightning.data.sources import SyntheticSource
 from trapo_lightning.data.synthetic import SyntheticArithmetic
 
 PROBLEM = re.compile(r"^Compute (\d+(?: [+-] \d+)+)\.$")
-STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
+STEP = re.compile(r"^(\d+)([+-])(\d+): (.+), so (\d+)$")
+COLUMN = re.compile(r"^(\d+)([+-])(\d)(?:([+-])1)?=(\d+)$")
 BOXED = re.compile(r"^\\boxed\{(\d+)\}$")
+
+
+def rebuild_from_columns(work: str, op: str) -> int:
+    """Check each column (`7+8=15`, `4+3+1=8`, `15-9=6`, `8-1-1=6`) and read the result off its digits."""
+    digits, carry = [], 0
+    for column in work.split(", "):
+        match = COLUMN.match(column)
+        assert match, column
+        top, column_op, bottom, pay, result = match.groups()
+        assert column_op == op and (pay is None or pay == op)
+        value = int(top) + int(bottom) if op == "+" else int(top) - int(bottom)
+        value += (1 if op == "+" else -1) * (pay is not None)
+        assert int(result) == value and 0 <= value
+        assert (pay is not None) == bool(carry)  # a carry/borrow is paid exactly where one was owed
+        carry = value // 10 if op == "+" else int(int(top) >= 10)
+        digits.append(value)
+    *low, high = digits
+    return int(str(high) + "".join(str(d % 10) for d in reversed(low)))
 
 
 def check_record(record, task: SyntheticArithmetic) -> None:
@@ -31,11 +51,12 @@ def check_record(record, task: SyntheticArithmetic) -> None:
     total = operands[0]
     for line, value, op in zip(steps, operands[1:], operators):
         step = STEP.match(line)
-        assert step, f"not 'a op b = c': {line!r}"  # \d+ also rules out a negative anywhere in the line
-        a, step_op, b, c = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4))
+        assert step, f"not 'a op b: columns, so c': {line!r}"  # \d+ also rules out a negative anywhere
+        a, step_op, b, c = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(5))
         assert (a, step_op, b) == (total, op, value)  # the line continues from the previous result
         assert c == (a + b if step_op == "+" else a - b)
         assert c >= 0
+        assert rebuild_from_columns(step.group(4), step_op) == c
         total = c
     boxed = BOXED.match(last)
     assert boxed, last
@@ -64,7 +85,7 @@ def test_solution_layout():
     # seed 0, train, index 0 is "Compute 35 + 54 + 56.": 35 + 54 = 89, 89 + 56 = 145
     record = SyntheticArithmetic().record("train", 0)
     assert record.problem == "Compute 35 + 54 + 56."
-    assert record.solution == "35 + 54 = 89\n\n89 + 56 = 145\n\n\\boxed{145}"
+    assert record.solution == "35+54: 5+4=9, 3+5=8, so 89\n\n89+56: 9+6=15, 8+5+1=14, so 145\n\n\\boxed{145}"
     assert record.answer == "145"
     assert record.source == "synthetic:train:0"
 
@@ -76,7 +97,7 @@ def test_subtraction_below_zero_becomes_addition():
     plus_lines = 0
     for record in records:
         for line in record.solution.split("\n\n")[:-1]:
-            a, op, b, _ = STEP.match(line).groups()
+            a, op, b, _, _ = STEP.match(line).groups()
             if op == "+":
                 plus_lines += 1
                 assert int(b) > int(a)
@@ -133,3 +154,26 @@ def test_unknown_split_and_empty_source():
         SyntheticSource(train_size=0)
     with pytest.raises(ValueError, match="train_size and val_size"):
         SyntheticSource(val_size=0)
+
+
+DIRECT_STEP = re.compile(r"^(\d+)([+-])(\d+)=(\d+)$")
+
+
+def test_direct_work_writes_one_checked_line_per_operation():
+    # "direct": `4+6=10`, `10+7=17`, then `\boxed{17}`; each line continues from the previous result
+    task = SyntheticArithmetic(digits=1, work="direct")
+    for record in task.records("train", 200):
+        *lines, last = record.solution.split("\n\n")
+        operands = [int(t) for t in PROBLEM.match(record.problem).group(1).split(" ")[::2]]
+        total = operands[0]
+        for line, value in zip(lines, operands[1:]):
+            a, op, b, c = DIRECT_STEP.match(line).groups()
+            assert (int(a), int(b)) == (total, value)
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+            total = int(c)
+        assert last == f"\\boxed{{{total}}}" and record.answer == str(total)
+
+
+def test_unknown_work_style_is_rejected():
+    with pytest.raises(ValueError, match="work must be one of"):
+        SyntheticArithmetic(work="essay")

@@ -1,9 +1,21 @@
 """The embedded default task: chained integer arithmetic with step-by-step expert solutions.
 
 It stands in for OpenR1-Math so the whole TRAPO loop runs offline on a laptop. Each problem chains several
-additions and subtractions; the expert solution writes one line of work per operation, the lines separated by
-blank lines ("\\n\\n") so the paragraph-snapped prefix cut (TRAPO.md, "Prefix cut") has real boundaries, and it
-ends in `\\boxed{answer}` so the same math-verify reward as for real data applies.
+additions and subtractions; the expert solution works each operation column by column, carries and borrows
+written out, one paragraph per operation:
+
+    47+38: 7+8=15, 4+3+1=8, so 85
+
+    85-19: 15-9=6, 8-1-1=6, so 66
+
+    \\boxed{66}
+
+Column work is what makes the task learnable by a tiny model: every step is a single-digit fact plus a carry,
+where writing `47 + 38 = 85` most-significant digit first would need the carry before it is computed (measured:
+a 0.8M-parameter model stayed near 1% after 22k expert traces of that form). Paragraphs are separated by blank
+lines ("\\n\\n") so the paragraph-snapped prefix cut (TRAPO.md, "Prefix cut") has real boundaries, and the
+solution ends in `\\boxed{answer}` so the same math-verify reward as for real data applies. The work is written
+without spaces because Qwen2's pre-tokenizer makes every space a token of its own.
 
 Records are a pure function of (seed, split, index): a run is reproducible and a resumed run sees the same data.
 The held-out split is disjoint from the training split by construction: a problem belongs to the split picked by
@@ -18,6 +30,7 @@ import random
 from trapo_lightning.data.records import MathRecord
 
 SPLITS = ("train", "val")
+WORK_STYLES = ("columns", "direct")
 
 
 class SyntheticArithmetic:
@@ -29,6 +42,7 @@ class SyntheticArithmetic:
         digits: int = 2,
         operations: str = "+-",
         val_fraction: float = 0.1,
+        work: str = "columns",
         seed: int = 0,
     ) -> None:
         """
@@ -37,6 +51,9 @@ class SyntheticArithmetic:
             digits: Largest number of digits per operand. Difficulty knob.
             operations: Operators to draw from, any of "+-". Subtractions that would go negative become additions.
             val_fraction: Share of the problem space reserved for the held-out split.
+            work: "columns" writes each operation column by column with its carries (`47+38: 7+8=15, 4+3+1=8,
+                so 85`); "direct" writes one line per operation (`47+38=85`), which a tiny model learns from
+                few examples only when the operands are single digits.
             seed: Seed of the problem generator; the same seed gives the same problems.
         """
         if num_operands < 2:
@@ -45,12 +62,15 @@ class SyntheticArithmetic:
             raise ValueError(f"digits must be in [1, 6], got {digits}")
         if not operations or set(operations) - set("+-"):
             raise ValueError(f"operations must be a non-empty string over '+-', got {operations!r}")
+        if work not in WORK_STYLES:
+            raise ValueError(f"work must be one of {WORK_STYLES}, got {work!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.num_operands = num_operands
         self.digits = digits
         self.operations = operations
         self.val_fraction = val_fraction
+        self.work = work
         self.seed = seed
 
     def record(self, split: str, index: int) -> MathRecord:
@@ -63,7 +83,7 @@ class SyntheticArithmetic:
             problem = "Compute " + _expression(operands, operators) + "."
             if self._split_of(problem) == split:
                 break
-        solution, answer = _solve(operands, operators)
+        solution, answer = _solve(operands, operators, self.work)
         return MathRecord(problem=problem, solution=solution, answer=answer, source=f"synthetic:{split}:{index}")
 
     def records(self, split: str, count: int) -> list[MathRecord]:
@@ -97,12 +117,43 @@ def _expression(operands: list[int], operators: list[str]) -> str:
     return " ".join(parts)
 
 
-def _solve(operands: list[int], operators: list[str]) -> tuple[str, str]:
-    """One line of work per operation, blank-line separated, then the boxed answer."""
+def _solve(operands: list[int], operators: list[str], work: str = "columns") -> tuple[str, str]:
+    """One paragraph of work per operation, then the boxed answer."""
     total, steps = operands[0], []
     for value, op in zip(operands[1:], operators):
         result = total + value if op == "+" else total - value
-        steps.append(f"{total} {op} {value} = {result}")
+        if work == "direct":
+            steps.append(f"{total}{op}{value}={result}")
+        else:
+            columns = _add_columns(total, value) if op == "+" else _subtract_columns(total, value)
+            steps.append(f"{total}{op}{value}: {', '.join(columns)}, so {result}")
         total = result
     steps.append(f"\\boxed{{{total}}}")
     return "\n\n".join(steps), str(total)
+
+
+def _digits(value: int, width: int) -> list[int]:
+    """Least significant first, zero-padded to `width`."""
+    return [(value // 10**i) % 10 for i in range(width)]
+
+
+def _add_columns(a: int, b: int) -> list[str]:
+    """`7+8=15`, then `4+3+1=8` with the carry; a final carry shows as the last column's two digits."""
+    width = max(len(str(a)), len(str(b)))
+    carry, columns = 0, []
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        total = x + y + carry
+        columns.append(f"{x}+{y}" + ("+1" if carry else "") + f"={total}")
+        carry = total // 10
+    return columns
+
+
+def _subtract_columns(a: int, b: int) -> list[str]:
+    """`15-9=6` when the column borrows (its top digit shown plus 10), `8-1-1=6` when it pays one back."""
+    width = len(str(a))
+    borrow, columns = 0, []
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        top = x + 10 if x - borrow < y else x
+        columns.append(f"{top}-{y}" + ("-1" if borrow else "") + f"={top - y - borrow}")
+        borrow = 1 if top > x else 0
+    return columns

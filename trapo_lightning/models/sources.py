@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-from trapo_lightning.models.tokenizer import build_tiny_tokenizer
+from trapo_lightning.models.tokenizer import TOKENIZER_VERSION, build_tiny_tokenizer
 
 SPEC_FILE = "trapo_tiny_spec.json"
-# Part of the spec, so a folder written with an older tokenizer layout is rewritten rather than reused.
-TOKENIZER_LAYOUT = "qwen2-byte-level-bpe-v1"
 
 
 class PolicySource(abc.ABC):
@@ -97,7 +95,7 @@ class TinyRandomQwen2(PolicySource):
             intermediate_size=intermediate_size,
             max_position_embeddings=max_position_embeddings,
             seed=seed,
-            tokenizer=TOKENIZER_LAYOUT,
+            tokenizer=TOKENIZER_VERSION,  # a folder made by an older tokenizer is rewritten, not reused
         )
 
     def resolve(self) -> Path:

@@ -18,6 +18,8 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from trapo_lightning.data.prompts import PAPER_SYSTEM, PAPER_USER
 from trapo_lightning.data.synthetic import SyntheticArithmetic
 
+# Bump when the corpus or the layout changes: it is part of TinyRandomQwen2's spec, so cached folders get rewritten.
+TOKENIZER_VERSION = "qwen2-byte-level-bpe-v3"
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 
