@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from helpers import tiny_qwen2
+
 from trapo_lightning.models import TinyRandomQwen2
 
 
@@ -14,15 +16,7 @@ def tiny_policy_dir(tmp_path_factory) -> TinyRandomQwen2:
     Returns the source object; `.resolve()` gives the folder and reuses it. Do not resolve a different spec at
     the same path (it would rewrite the folder under the other tests); make your own source for that.
     """
-    source = TinyRandomQwen2(
-        path=str(tmp_path_factory.mktemp("tiny") / "model"),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+    source = tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model")
     source.resolve()
     return source
 

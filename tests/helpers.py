@@ -25,7 +25,7 @@ def one_torch_thread():
 
 
 def tiny_qwen2(path) -> TinyRandomQwen2:
-    """A 2-layer, 32-wide random Qwen2 (about 30k parameters) with the character tokenizer, written under `path`."""
+    """A 2-layer, 32-wide random Qwen2 (about 30k parameters) with the tiny BPE tokenizer, written under `path`."""
     return TinyRandomQwen2(
         path=str(path),
         hidden_size=32,
