@@ -119,7 +119,8 @@ class TrapoModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
-        self.tokenizer = None
+        self.tokenizer = None  # these three are loaded in configure_model, where sharding can apply (issue 3)
+        self.prefixer: ExpertPrefixer | None = None
 
     # -- models ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -217,6 +218,7 @@ class TrapoModule(L.LightningModule):
         self.log_dict(self.evaluate(batch, "test"), on_epoch=True, sync_dist=True, batch_size=len(batch))
 
     def evaluate(self, batch: PromptBatch, prefix: str) -> dict[str, float]:
+        """One unguided sample per prompt at the validation temperature, graded; metrics named `{prefix}/...`."""
         requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records]
         generations = self.rollout.generate(requests, self.val_sampling)
         texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
