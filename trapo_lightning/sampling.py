@@ -73,7 +73,7 @@ def sample_micro_groups(
     samples: list[list[Sample]] = [[] for _ in records]
     for index, group in enumerate(guidance.micro_groups):
         prior = torch.tensor([[s.reward for s in row] for row in samples], dtype=torch.float32)  # [P, k]
-        ratios = guidance.prefix_ratios(index, prior.reshape(len(records), -1)).tolist()  # [P]
+        ratios = guidance.prefix_ratios(index, prior).tolist()  # [P]
         jobs = [(p, ratio) for p, ratio in enumerate(ratios) for _ in range(group.size)]
         new = _sample_jobs(records, jobs, index, engine, grade, prefixer, params, max_response_tokens)
         for sample in new:
@@ -82,7 +82,8 @@ def sample_micro_groups(
 
 
 def _sample_jobs(records, jobs, micro_group, engine, grade, prefixer, params, max_response_tokens) -> list[Sample]:
-    prefixes = [prefixer(records[p], ratio) for p, ratio in jobs]
+    shared = {job: prefixer(records[job[0]], job[1]) for job in dict.fromkeys(jobs)}  # one cut per prompt
+    prefixes = [shared[job] for job in jobs]
     to_generate = [i for i, (_, ratio) in enumerate(jobs) if ratio < 1.0]
     requests = [
         RolloutRequest(records[jobs[i][0]].prompt_ids + prefixes[i], max_response_tokens - len(prefixes[i]))
