@@ -33,8 +33,8 @@ class ValidateOnStart(L.Callback):
         """Size-weighted means of the module's per-batch metrics, averaged across ranks."""
         sums: dict[str, float] = {}
         count = 0
-        for batch in trainer.datamodule.val_dataloader():
-            for key, value in pl_module.evaluate(batch, "val").items():
+        for batch_idx, batch in enumerate(trainer.datamodule.val_dataloader()):
+            for key, value in pl_module.evaluate(batch, "val", batch_idx).items():
                 sums[key] = sums.get(key, 0.0) + value * len(batch)
             count += len(batch)
         keys = sorted(sums)

@@ -125,6 +125,30 @@ def test_drop_last_keeps_only_full_batches(tiny_tokenizer):
     assert [len(b) for b in stream(records, tiny_tokenizer, batch_size=4, drop_last=False)] == [4, 4, 2]
 
 
+def test_resuming_after_any_batch_replays_exactly_what_follows(tiny_tokenizer):
+    # 9 records, batches of 2, drop_last: 4 batches an epoch; one prompt too long is skipped in each epoch
+    records = SyntheticArithmetic().records("train", 8) + [MathRecord("Compute " + "1 + " * 300 + "1.", "x", "1", "long")]
+    options = dict(batch_size=2, drop_last=True, seed=3, max_prompt_tokens=100)
+    reference = stream(records, tiny_tokenizer, **options)
+    straight = list(reference) + list(reference) + list(reference)  # three epochs
+    assert [b.position.batches for b in straight] == [1, 2, 3, 4] * 3
+    for k, after in enumerate(straight[:8]):  # resume after each batch of the first two epochs
+        resumed = stream(records, tiny_tokenizer, **options)
+        resumed.resume_from(after.position)
+        rest = list(resumed)
+        if after.position.batches == 4:  # exactly at an epoch's end: the next iteration is the next epoch
+            assert rest[0].position.epoch == after.position.epoch + 1
+        expected = straight[k + 1 : k + 1 + len(rest)]
+        assert rest and [sources_of([b]) for b in rest] == [sources_of([b]) for b in expected]
+        assert [b.skipped for b in rest] == [b.skipped for b in expected]  # skips are not counted twice
+
+
+def test_a_split_that_gives_no_batch_is_an_error_not_an_endless_loop(tiny_tokenizer):
+    records = SyntheticArithmetic().records("train", 4)
+    with pytest.raises(ValueError, match=r"gave no batch of 2 prompts \(skipped so far: \{'prompt_too_long': 4\}\)"):
+        list(stream(records, tiny_tokenizer, batch_size=2, drop_last=True, max_prompt_tokens=5))
+
+
 def test_too_small_split_fails_at_setup_naming_it(tiny_policy_dir, write_jsonl):
     small = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=3, val_size=2), prompts_per_step=4)
     with pytest.raises(ValueError, match=r"the train split has 3 usable records .* needs 4"):

@@ -15,7 +15,7 @@ from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.data.sources import SyntheticSource
 from trapo_lightning.data.synthetic import SyntheticArithmetic
 from trapo_lightning.module import TrapoModule
-from trapo_lightning.reward import Verdict
+from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.sampling import Sample
 
 MAX_PROMPT_TOKENS = 256
@@ -281,3 +281,19 @@ def test_on_load_checkpoint_fills_in_the_reference_for_a_strict_load(fitted, sou
 def test_invalid_arguments_fail_at_construction(source, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_module(source, **overrides)
+
+
+class UngradableReward:
+    """Every completion unparseable, as with data whose answers never match its solutions' format."""
+
+    def __call__(self, completions, answers):
+        return [RewardResult(Verdict.unparseable, 0.0) for _ in completions]
+
+
+def test_a_step_with_nothing_graded_warns_at_log_spaced_steps(source):
+    module = make_module(source, reward=UngradableReward())
+    with pytest.warns(UserWarning, match="no reward of the step could be graded") as caught:
+        make_trainer(max_steps=3).fit(module, datamodule=make_data(source))
+    assert module.ungraded_steps == 3
+    # warned at the 1st and 2nd ungraded step, not the 3rd (next: 4th)
+    assert sum("no reward of the step" in str(w.message) for w in caught) == 2

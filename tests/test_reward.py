@@ -207,6 +207,29 @@ def test_any_text_gets_a_verdict(reward, completion):
         assert off_main == result
 
 
+_HOSTILE = st.one_of(
+    st.integers(1, 20_000).map(lambda n: f"\\boxed{{{'9' * n}}}"),  # huge numbers
+    st.integers(1, 4_000).map(lambda n: "\\boxed{" + "{" * n + "1" + "}" * n + "}"),  # deep nesting
+    st.integers(1, 6).map(lambda n: "\\boxed{" + "9^{" * n + "9" + "}" * n + "}"),  # power towers
+    st.text(alphabet="{}\\", min_size=1, max_size=2_000).map(lambda t: "\\boxed{" + t),  # unbalanced braces
+    st.builds(lambda t, n: t * n, st.text(min_size=1, max_size=50), st.integers(200, 2_000)),  # long garbage
+    st.builds("".join, st.lists(st.sampled_from(["\\frac{", "\\sqrt{", "}", "^", "\\boxed{", "1", "x"]),
+                                min_size=1, max_size=3_000)),
+)
+
+
+@settings(max_examples=10, deadline=None)
+@given(completion=_HOSTILE, on_main_thread=st.booleans())
+def test_hostile_text_never_raises_and_stays_within_the_bound(fast_reward, completion, on_main_thread):
+    start = time.perf_counter()
+    if on_main_thread:
+        result = fast_reward.score(completion, "66")
+    else:
+        result = _off_main_thread(fast_reward.score, completion, "66")
+    assert time.perf_counter() - start < fast_reward.timeout_s + MARGIN_S
+    assert isinstance(result.verdict, Verdict) and result.reward == (result.verdict is Verdict.correct)
+
+
 def test_pickled_copy_starts_its_own_worker(reward):
     # ddp_spawn and deepcopy pickle the module and its reward; a process and a lock do not pickle.
     copy = pickle.loads(pickle.dumps(reward))

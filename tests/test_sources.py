@@ -50,6 +50,17 @@ def test_skip_invalid_counts_per_reason_and_keeps_valid_rows(write_jsonl):
     assert [r.source for r in records] == [f"{path}:1", f"{path}:10", f"{path}:11"]
 
 
+def test_a_solution_without_boxed_answer_is_malformed_when_required(write_jsonl):
+    unboxed = dict(GOOD, solution="1 + 2 = 3, so the answer is 3")
+    path = write_jsonl("train.jsonl", [GOOD, unboxed])
+    assert len(JsonlSource([path]).load("train")[0]) == 2  # not required by default
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:2: field 'solution' has no \\boxed") as raised:
+        JsonlSource([path], require_boxed_solution=True).load("train")
+    assert raised.value.reason == "solution_without_boxed"
+    records, skipped = JsonlSource([path], require_boxed_solution=True, skip_invalid=True).load("train")
+    assert len(records) == 1 and skipped == Counter(solution_without_boxed=1)
+
+
 def test_field_mapping(write_jsonl):
     row = {"question": "Compute 4 - 1.", "reasoning": "4 - 1 = 3\n\n\\boxed{3}", "final": "3", "extra": 1}
     path = write_jsonl("mapped.jsonl", [row])

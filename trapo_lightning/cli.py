@@ -29,6 +29,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TrapoCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen reference model is in eval mode on purpose; Lightning warns about any module in eval mode.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+    # Checkpoints are meant to hold the state after each step's update (what a resume continues from).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
     return TrapoCLI(
         TrapoModule,
         TrapoDataModule,

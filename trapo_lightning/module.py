@@ -12,10 +12,15 @@ the policy has not changed since sampling (ratio 1, as in the paper's code).
 
 from __future__ import annotations
 
+import math
+import os
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from trapo_lightning.advantages import dr_grpo_advantages
 from trapo_lightning.batch import TrainBatch, build_train_batch
@@ -25,12 +30,17 @@ from trapo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
 from trapo_lightning.metrics import step_metrics, validation_metrics
 from trapo_lightning.models.sources import PolicySource
-from trapo_lightning.reward import MathVerifyReward
+from trapo_lightning.reward import MathVerifyReward, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
+from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
 from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
+from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+_STATE_KEY = "trapo"  # the module's own resume state inside a Lightning checkpoint
 
 
 def paper_adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -62,6 +72,8 @@ class TrapoModule(L.LightningModule):
         advantage_std_scaling: bool = False,
         gradient_clip_val: float = 1.0,
         micro_batch_size: int = 8,
+        max_consecutive_nonfinite: int = 3,
+        rollout_seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -88,6 +100,11 @@ class TrapoModule(L.LightningModule):
             advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
             gradient_clip_val: Global gradient-norm clip (paper: 1.0).
             micro_batch_size: Sequences per forward/backward micro-batch within one optimizer step.
+            max_consecutive_nonfinite: A step whose loss or gradient norm is NaN/Inf is skipped and counted; this
+                many in a row stop the run with an error after writing a checkpoint of the last good weights.
+            rollout_seed: Seed of rollout and validation sampling, mixed with the step and rank so every step's
+                samples are reproducible on resume (default: the run's `seed_everything` value). Saved in
+                checkpoints.
         """
         super().__init__()
         if max_prompt_tokens < 1 or max_response_tokens < 1:
@@ -117,6 +134,11 @@ class TrapoModule(L.LightningModule):
         self.advantage_std_scaling = advantage_std_scaling
         self.gradient_clip_val = gradient_clip_val
         self.micro_batch_size = micro_batch_size
+        self.nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
+        self.rollout_seed = torch.initial_seed() if rollout_seed is None else rollout_seed
+        self.ungraded_steps = 0
+        self.train_batches = 0  # batches trained on, skipped steps included: the sampling seed's step counter
+        self._pending_rng_states: dict | None = None
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.tokenizer = None  # these three are loaded in configure_model, where sharding can apply (issue 3)
@@ -148,15 +170,38 @@ class TrapoModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        checkpoint[_STATE_KEY] = {
+            "rollout_seed": self.rollout_seed,
+            "train_batches": self.train_batches,
+            "nonfinite": self.nonfinite.state_dict(),
+            "rng_states": capture_rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.reference is not None:
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        if _STATE_KEY in checkpoint:
+            state = checkpoint[_STATE_KEY]
+            self.rollout_seed = state["rollout_seed"]
+            self.train_batches = state["train_batches"]
+            self.nonfinite.load_state_dict(state["nonfinite"])
+            self._pending_rng_states = state["rng_states"]
+
+    def on_train_start(self) -> None:
+        # Restored here, not on load: a sanity check between loading and training must not shift the streams.
+        if self._pending_rng_states is not None:
+            restore_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
+
+    def _sampling_seed(self, *where: int | str) -> int:
+        return derive_seed(self.rollout_seed, *where, self.global_rank)
 
     # -- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        sampling = replace(self.train_sampling, seed=self._sampling_seed("train", self.train_batches))
+        self.train_batches += 1
         groups = sample_micro_groups(
-            batch.records, self.guidance, self.rollout, self.reward, self.prefixer, self.train_sampling,
+            batch.records, self.guidance, self.rollout, self.reward, self.prefixer, sampling,
             self.max_response_tokens,
         )
         rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
@@ -164,11 +209,27 @@ class TrapoModule(L.LightningModule):
         samples = [s for group in groups for s in group]
         train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
         losses, grad_norm = self._optimize(train_batch)
+        self._warn_if_nothing_was_graded(samples)
         metrics = step_metrics(samples, losses)
         metrics["train/grad_norm"] = grad_norm
+        metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def _warn_if_nothing_was_graded(self, samples: list) -> None:
+        """Every reward of the step unparseable or timed out, expert-guided samples included, is a data or verifier
+        problem (answer format, time limit), not a weak policy: say so, at log-spaced steps (1st, 2nd, 4th, ...)."""
+        if any(s.verdict in (Verdict.correct, Verdict.wrong) for s in samples):
+            return
+        self.ungraded_steps += 1
+        if self.ungraded_steps & (self.ungraded_steps - 1) == 0:
+            counts = Counter(s.verdict.value for s in samples)
+            rank_zero_warn(
+                f"training batch {self.train_batches - 1}: no reward of the step could be graded ({dict(counts)}; "
+                f"{self.ungraded_steps} such steps so far). If expert-guided samples are among them, check that "
+                "the data's answers match its solutions' final \\boxed{} and the reward's timeout_s."
+            )
 
     def _optimize(self, batch: TrainBatch) -> tuple[list[TrapoLoss], float]:
         """One optimizer step over the whole batch in micro-batches; the per-micro-batch losses and the grad norm."""
@@ -190,8 +251,37 @@ class TrapoModule(L.LightningModule):
             self.manual_backward(loss.loss)
             losses.append(loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
-        optimizer.step()
+        loss = sum(float(l.loss.detach()) for l in losses)
+        finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(loss) and math.isfinite(grad_norm))
+        action = self.nonfinite.update(finite)
+        if action is StepAction.step:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
+            self._report_nonfinite(action, loss, grad_norm)
         return losses, grad_norm
+
+    def _report_nonfinite(self, action: StepAction, loss: float, grad_norm: float) -> None:
+        where = f"training batch {self.train_batches - 1} (optimizer step {self.global_step})"
+        if action is StepAction.skip:
+            rank_zero_warn(
+                f"{where}: non-finite loss {loss} or gradient norm {grad_norm}; skipped this optimizer step "
+                f"({self.nonfinite.consecutive} in a row, {self.nonfinite.skipped} in total; the run stops at "
+                f"{self.nonfinite.max_consecutive} in a row)"
+            )
+            return
+        path = self._last_good_checkpoint_path()
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"{where}: {self.nonfinite.consecutive} optimizer steps in a row had a non-finite loss or gradient norm "
+            f"(last: loss {loss}, grad norm {grad_norm}). The weights of the last good step are saved in {path}. "
+            "Look for the cause (learning rate, data, precision) before resuming from it."
+        )
+
+    def _last_good_checkpoint_path(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
+        return os.path.join(folder, f"nonfinite-stop-step{self.global_step}.ckpt")
 
     def _forward_logits(self, model: torch.nn.Module, chunk: TrainBatch) -> torch.Tensor:
         width = chunk.response_width
@@ -210,17 +300,19 @@ class TrapoModule(L.LightningModule):
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        metrics = self.evaluate(batch, "val")
+        metrics = self.evaluate(batch, "val", batch_idx)
         self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True, batch_size=len(batch))
         self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=len(batch))
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "test"), on_epoch=True, sync_dist=True, batch_size=len(batch))
+        self.log_dict(self.evaluate(batch, "test", batch_idx), on_epoch=True, sync_dist=True, batch_size=len(batch))
 
-    def evaluate(self, batch: PromptBatch, prefix: str) -> dict[str, float]:
-        """One unguided sample per prompt at the validation temperature, graded; metrics named `{prefix}/...`."""
+    def evaluate(self, batch: PromptBatch, prefix: str, batch_idx: int = 0) -> dict[str, float]:
+        """One unguided sample per prompt at the validation temperature, graded; metrics named `{prefix}/...`.
+        The sampling seed depends on (step, batch), not on what ran before, so validations are comparable."""
         requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records]
-        generations = self.rollout.generate(requests, self.val_sampling)
+        sampling = replace(self.val_sampling, seed=self._sampling_seed(prefix, self.global_step, batch_idx))
+        generations = self.rollout.generate(requests, sampling)
         texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
         results = self.reward(texts, [r.answer for r in batch.records])
         return validation_metrics(results, generations, prefix)

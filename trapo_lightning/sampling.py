@@ -10,7 +10,7 @@ response, so nothing is generated for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -20,6 +20,7 @@ from trapo_lightning.guidance import GuidanceRule
 from trapo_lightning.prefix import prefix_cut
 from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.seeding import derive_seed
 
 Grader = Callable[[Sequence[str], Sequence[str]], list[RewardResult]]
 
@@ -75,7 +76,8 @@ def sample_micro_groups(
         prior = torch.tensor([[s.reward for s in row] for row in samples], dtype=torch.float32)  # [P, k]
         ratios = guidance.prefix_ratios(index, prior).tolist()  # [P]
         jobs = [(p, ratio) for p, ratio in enumerate(ratios) for _ in range(group.size)]
-        new = _sample_jobs(records, jobs, index, engine, grade, prefixer, params, max_response_tokens)
+        group_params = params if params.seed is None else replace(params, seed=derive_seed(params.seed, index))
+        new = _sample_jobs(records, jobs, index, engine, grade, prefixer, group_params, max_response_tokens)
         for sample in new:
             samples[sample.prompt_index].append(sample)
     return samples

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from trapo_lightning.data.prompts import PromptTemplate
-from trapo_lightning.data.records import PromptBatch
+from trapo_lightning.data.records import PromptBatch, StreamPosition
 from trapo_lightning.data.sources import DataSource, SyntheticSource
 from trapo_lightning.data.stream import PromptStream
 from trapo_lightning.models.sources import PolicySource
@@ -50,6 +50,8 @@ class TrapoDataModule(L.LightningDataModule):
         self.max_response_tokens = max_response_tokens
         self.seed = seed
         self.streams: dict[str, PromptStream] = {}
+        self._trained_position: StreamPosition | None = None  # just after the last batch handed to training
+        self._resume_position: StreamPosition | None = None
 
     def setup(self, stage: str) -> None:
         if self.streams:
@@ -69,6 +71,25 @@ class TrapoDataModule(L.LightningDataModule):
             )
             stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
             self.streams[split] = stream
+        if self._resume_position is not None:
+            self.streams["train"].resume_from(self._resume_position)
+
+    # -- exact resume: Lightning stores this in every checkpoint and hands it back before training restarts ----------
+    def on_before_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
+        # Called for the batch about to be trained on, not for the one Lightning prefetched behind it.
+        if self.trainer is not None and self.trainer.training and batch.position is not None:
+            self._trained_position = batch.position
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_position": self._trained_position.state_dict()} if self._trained_position else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_position" not in state_dict:
+            return
+        self._resume_position = self._trained_position = StreamPosition.from_state_dict(state_dict["train_position"])
+        if "train" in self.streams:
+            self.streams["train"].resume_from(self._resume_position)
 
     @staticmethod
     def _check_size(split: str, records: list, needed: int) -> None:

@@ -33,12 +33,30 @@ class PromptRecord:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream stands just after a batch: its epoch, batches yielded in that epoch, skip counts so far."""
+
+    epoch: int
+    batches: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> StreamPosition:
+        return cls(int(state["epoch"]), int(state["batches"]), dict(state["skipped"]))
+
+
 @dataclass
 class PromptBatch:
-    """The prompts of one step, plus cumulative per-reason skip counts of the stream that produced them."""
+    """The prompts of one step, plus cumulative per-reason skip counts of the stream that produced them and the
+    stream position just after this batch (what a checkpoint taken after training on it must resume from)."""
 
     records: list[PromptRecord]
     skipped: dict[str, int] = field(default_factory=dict)
+    position: StreamPosition | None = None
 
     def __len__(self) -> int:
         return len(self.records)

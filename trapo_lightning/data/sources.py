@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trapo_lightning.data.records import MathRecord
 from trapo_lightning.data.synthetic import SyntheticArithmetic
+from trapo_lightning.reward import last_boxed
 
 
 class DataSource(abc.ABC):
@@ -70,6 +71,7 @@ class JsonlSource(DataSource):
         val_files: list[str] | None = None,
         fields: FieldMap | None = None,
         skip_invalid: bool = False,
+        require_boxed_solution: bool = False,
     ) -> None:
         """
         Args:
@@ -77,10 +79,13 @@ class JsonlSource(DataSource):
             val_files: JSONL files of the validation split (its rows need `problem` and `answer` only).
             fields: Mapping from our field names to the keys in your files.
             skip_invalid: Skip malformed rows and count them per reason instead of failing on the first one.
+            require_boxed_solution: A training solution must end its work in a \\boxed{...} answer (as the
+                synthetic task and most curated sets do); one without is malformed (`solution_without_boxed`).
         """
         self.files = {"train": list(train_files), "val": list(val_files or [])}
         self.fields = fields or FieldMap()
         self.skip_invalid = skip_invalid
+        self.require_boxed_solution = require_boxed_solution
 
     def load(self, split: str) -> tuple[list[MathRecord], Counter]:
         records: list[MathRecord] = []
@@ -88,7 +93,10 @@ class JsonlSource(DataSource):
         for name in self.files[split]:
             for where, line in _lines(Path(name)):
                 try:
-                    records.append(parse_row(line, where, self.fields, need_solution=split == "train"))
+                    record = parse_row(line, where, self.fields, need_solution=split == "train")
+                    if split == "train" and self.require_boxed_solution:
+                        _check_boxed(record, where, self.fields)
+                    records.append(record)
                 except InvalidRecord as bad:
                     if not self.skip_invalid:
                         raise
@@ -118,6 +126,14 @@ def parse_row(raw: bytes, where: str, fields: FieldMap, need_solution: bool) -> 
         wanted.append(("solution", fields.solution))
     values = {name: _string_field(row, key, name, where) for name, key in wanted}
     return MathRecord(values["problem"], values.get("solution", ""), values["answer"], source=where)
+
+
+def _check_boxed(record: MathRecord, where: str, fields: FieldMap) -> None:
+    if last_boxed(record.solution) is None:
+        raise InvalidRecord(
+            where, "solution_without_boxed",
+            f"field '{fields.solution}' has no \\boxed{{...}} answer (require_boxed_solution is on)",
+        )
 
 
 def _string_field(row: dict, key: str, name: str, where: str) -> str:

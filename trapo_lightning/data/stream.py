@@ -4,6 +4,11 @@ The stream does the batching itself and yields whole `PromptBatch`es: a prompt w
 prompt length, or whose expert solution (+EOS) exceeds the maximum response length, is skipped and counted here,
 and the running counts travel with every batch to the module's logs. Each epoch reshuffles with (seed, epoch);
 every rank sees the same permutation and takes its own slice, trimmed to equal size so no rank waits on another.
+
+Resume: every batch carries the position just after it (epoch, batches into the epoch, skip counts). Ranks
+consume batches in lockstep, so the batch count is the same on every rank even where their skips differ; a
+resumed stream replays its epoch's permutation and fast-forwards that many batches without counting skips again.
+A position at the very end of an epoch continues with the next epoch's first batch (never an empty epoch).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from trapo_lightning.data.prompts import PromptTemplate
-from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord
+from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord, StreamPosition
 
 
 class PromptStream(IterableDataset):
@@ -47,32 +52,63 @@ class PromptStream(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         self.skipped: Counter = Counter()
+        self._resume: StreamPosition | None = None
+
+    def resume_from(self, position: StreamPosition) -> None:
+        """Make the next iteration start just after the batch that carried `position`."""
+        self._resume = position
+        self.skipped = Counter(position.skipped)
 
     def __iter__(self) -> Iterator[PromptBatch]:
+        epoch, done = (self._resume.epoch, self._resume.batches) if self._resume else (self.epoch, 0)
+        self._resume = None
+        yielded = False
+        for batch in self._epoch(epoch, fast_forward=done):
+            yielded = True
+            yield batch
+        self.epoch = epoch + 1
+        if done and not yielded:  # resumed exactly at the end of an epoch: this iteration is the next epoch
+            yield from self._epoch(self.epoch, fast_forward=0)
+            self.epoch += 1
+
+    def _epoch(self, epoch: int, fast_forward: int) -> Iterator[PromptBatch]:
+        number = 0
+        for number, batch in enumerate(self._batches(epoch, fast_forward), start=1):
+            if number > fast_forward:
+                yield PromptBatch(batch, dict(self.skipped), StreamPosition(epoch, number, dict(self.skipped)))
+        if number == 0:  # Lightning would start empty epochs forever: a hang, not an error
+            raise ValueError(
+                f"rank {self.rank}'s share of {len(self.records)} records gave no batch of {self.batch_size} prompts "
+                f"(skipped so far: {dict(self.skipped)}); raise model.max_prompt_tokens / max_response_tokens or "
+                "add data"
+            )
+
+    def _batches(self, epoch: int, fast_forward: int) -> Iterator[list[PromptRecord]]:
+        """This rank's batches of `epoch`; skips are counted only past the first `fast_forward` batches."""
         order = list(range(len(self.records)))
         if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
-        self.epoch += 1
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
         per_rank = len(order) // self.world_size
-        mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         batch: list[PromptRecord] = []
-        for index in mine:
-            prompt = self._prompt(self.records[index])
+        made = 0
+        for index in order[self.rank * per_rank : (self.rank + 1) * per_rank]:
+            prompt = self._prompt(self.records[index], count_skips=made >= fast_forward)
             if prompt is None:
                 continue
             batch.append(prompt)
             if len(batch) == self.batch_size:
-                yield PromptBatch(batch, dict(self.skipped))
+                made += 1
+                yield batch
                 batch = []
         if batch and not self.drop_last:
-            yield PromptBatch(batch, dict(self.skipped))
+            yield batch
 
-    def _prompt(self, record: MathRecord) -> PromptRecord | None:
+    def _prompt(self, record: MathRecord, count_skips: bool = True) -> PromptRecord | None:
         prompt_ids = self.template.token_ids(self.tokenizer, record.problem)
         if len(prompt_ids) > self.max_prompt_tokens:
-            self.skipped["prompt_too_long"] += 1
+            self.skipped["prompt_too_long"] += count_skips
             return None
         if record.solution and len(self.tokenizer(record.solution)["input_ids"]) + 1 > self.max_response_tokens:
-            self.skipped["solution_too_long"] += 1
+            self.skipped["solution_too_long"] += count_skips
             return None
         return PromptRecord(prompt_ids, record.problem, record.solution, record.answer, record.source)

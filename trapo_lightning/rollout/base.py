@@ -20,6 +20,9 @@ import torch
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
+    seed: int | None = None
+    """Seed of this call's sampling; None draws from the process's global RNG. The module passes one derived from
+    (run seed, step, micro-group, rank), so a resumed run samples exactly what an uninterrupted one would."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -7,11 +7,14 @@ batch cap allows; the longest budget in a call bounds it, and each row is then c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from transformers import GenerationConfig
 
+from trapo_lightning.seeding import derive_seed
 from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
 
 
@@ -37,7 +40,8 @@ class HFGenerateEngine(RolloutEngine):
             raise RuntimeError("HFGenerateEngine.generate called before bind(policy, ...)")
         out: list[Generation] = []
         for start in range(0, len(requests), self.max_batch_size):
-            out += self._generate_chunk(requests[start : start + self.max_batch_size], params)
+            chunk_params = params if params.seed is None else replace(params, seed=derive_seed(params.seed, start))
+            out += self._generate_chunk(requests[start : start + self.max_batch_size], chunk_params)
         return out
 
     @torch.no_grad()
@@ -61,7 +65,8 @@ class HFGenerateEngine(RolloutEngine):
         was_training = policy.training
         policy.eval()
         try:
-            result = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            with _seeded(params.seed, input_ids.device):
+                result = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         finally:
             policy.train(was_training)
         new_ids = result.sequences[:, input_ids.shape[1] :]  # [N, budget']
@@ -71,6 +76,18 @@ class HFGenerateEngine(RolloutEngine):
             _trim(ids, lps, request.max_new_tokens, self._eos)
             for ids, lps, request in zip(new_ids.tolist(), logprobs.tolist(), requests)
         ]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Sample from `seed` without touching the global RNG streams (generate takes no generator)."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
