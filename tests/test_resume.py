@@ -30,6 +30,9 @@ def write_config(folder: Path, extra_callbacks: list[dict] = ()) -> Path:
     config = yaml.safe_load(TINY.read_text())
     config["data"]["source"]["init_args"]["train_size"] = 6  # 3 steps of 2 prompts per epoch
     config["trainer"]["max_steps"] = STEPS
+    # a decaying learning rate, so a scheduler that did not resume would change the losses after step k
+    config["model"]["lr_scheduler"] = {"class_path": "torch.optim.lr_scheduler.LinearLR",
+                                       "init_args": {"start_factor": 1.0, "end_factor": 0.1, "total_iters": STEPS}}
     config["trainer"]["callbacks"] = [
         {"class_path": "trapo_lightning.callbacks.ValidateOnStart"},
         {"class_path": "trapo_lightning.callbacks.PreemptionCheckpoint"},

@@ -37,7 +37,7 @@ def step_metrics(samples: Sequence[Sample], losses: Sequence[TrapoLoss]) -> dict
     }
     for ratio in sorted({s.prefix_ratio for s in samples}):
         metrics[f"train/guidance_{ratio:.2f}"] = _mean([float(s.prefix_ratio == ratio) for s in samples])
-    for verdict in (Verdict.unparseable, Verdict.timeout):
+    for verdict in (Verdict.wrong, Verdict.unparseable, Verdict.timeout):
         metrics[f"train/{verdict.value}_fraction"] = _mean([float(s.verdict is verdict) for s in samples])
     metrics.update(_loss_metrics(losses))
     return metrics
@@ -65,6 +65,6 @@ def validation_metrics(results: Sequence[RewardResult], generations: Sequence[Ge
         f"{split}/response_length": _mean([float(len(g.token_ids)) for g in generations]),
         f"{split}/truncated_fraction": _mean([float(not g.finished) for g in generations]),
     }
-    for verdict in (Verdict.unparseable, Verdict.timeout):
+    for verdict in (Verdict.wrong, Verdict.unparseable, Verdict.timeout):
         metrics[f"{split}/{verdict.value}_fraction"] = _mean([float(r.verdict is verdict) for r in results])
     return metrics

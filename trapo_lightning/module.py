@@ -38,6 +38,7 @@ from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
 from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 _STATE_KEY = "trapo"  # the module's own resume state inside a Lightning checkpoint
@@ -56,6 +57,7 @@ class TrapoModule(L.LightningModule):
         guidance: GuidanceRule | None = None,
         reward: MathVerifyReward | None = None,
         optimizer: OptimizerCallable = paper_adamw,
+        lr_scheduler: SchedulerCallable | None = None,
         max_prompt_tokens: int = 1024,
         max_response_tokens: int = 8192,
         rollout_temperature: float = 1.0,
@@ -83,6 +85,8 @@ class TrapoModule(L.LightningModule):
             guidance: When and how much of the expert solution to prefix (default: the paper's micro-groups).
             reward: Grades a completion against the reference answer (default: math-verify on the last \\boxed{}).
             optimizer: Callable from parameters to an optimizer (default: AdamW, constant lr 5e-6 as in the paper).
+            lr_scheduler: Callable from the optimizer to an LR scheduler, stepped once per optimizer step (default:
+                none, the paper's constant rate).
             max_prompt_tokens: Longest prompt; longer ones are skipped by the data stream (paper: 1024).
             max_response_tokens: Longest response, expert prefix included (paper: 8192); also the constant
                 normaliser C of the loss.
@@ -119,6 +123,7 @@ class TrapoModule(L.LightningModule):
         self.guidance = guidance or MicroGroupGuidance()
         self.reward = reward or MathVerifyReward()
         self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.train_sampling = SamplingParams(temperature=rollout_temperature)
@@ -162,8 +167,11 @@ class TrapoModule(L.LightningModule):
             self.reference.eval()  # frozen: never dropout, whatever Lightning toggles
         return self
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.policy.parameters())
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The reference is the unchanged starting weights, reloadable from the policy folder: don't store it twice.
@@ -212,6 +220,7 @@ class TrapoModule(L.LightningModule):
         self._warn_if_nothing_was_graded(samples)
         metrics = step_metrics(samples, losses)
         metrics["train/grad_norm"] = grad_norm
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
@@ -256,6 +265,8 @@ class TrapoModule(L.LightningModule):
         action = self.nonfinite.update(finite)
         if action is StepAction.step:
             optimizer.step()
+            if (scheduler := self.lr_schedulers()) is not None:
+                scheduler.step()  # manual optimization: Lightning leaves scheduling to the step
         else:
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
