@@ -297,3 +297,26 @@ def test_a_step_with_nothing_graded_warns_at_log_spaced_steps(source):
     assert module.ungraded_steps == 3
     # warned at the 1st and 2nd ungraded step, not the 3rd (next: 4th)
     assert sum("no reward of the step" in str(w.message) for w in caught) == 2
+
+
+def test_the_rollout_logprobs_of_the_generate_engine_match_the_training_forward(source):
+    # HF generate samples the training module itself, so the only gap is padding/numerics (batched prefill + KV
+    # cache against one left-padded forward): well under 1e-4 nats per token in float32.
+    module = make_module(source)
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(module, datamodule=make_data(source))
+    assert trainer.callback_metrics["train/rollout_logp_mismatch"] < 1e-4
+    assert trainer.callback_metrics["train/policy_version"] == 0  # sampled before the step's update
+    assert module.policy_version == 1
+
+
+def test_an_engine_with_a_stale_weight_copy_is_refused(source):
+    from trapo_lightning.rollout import StaleRolloutError, check_rollout_version
+
+    check_rollout_version(None, 7, 0)  # samples the live module
+    check_rollout_version(7, 7, 0)
+    check_rollout_version(6, 7, 1)  # one step behind, allowed by the config
+    with pytest.raises(StaleRolloutError, match="holds policy version 6 but the policy is at version 7"):
+        check_rollout_version(6, 7, 0)
+    with pytest.raises(StaleRolloutError):
+        check_rollout_version(8, 7, 0)  # ahead of the policy: a copy of some other run

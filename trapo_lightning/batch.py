@@ -25,6 +25,7 @@ class TrainBatch(NamedTuple):
     expert_mask: torch.Tensor  # [N, T] bool: expert-prefix tokens that carry the SFT loss
     policy_mask: torch.Tensor  # [N, T] bool: the policy's own tokens (RL loss)
     advantages: torch.Tensor  # [N]
+    rollout_logp: torch.Tensor  # [N, T] the sampler's log-probs of the policy's own tokens (0 elsewhere)
 
     @property
     def response_width(self) -> int:
@@ -57,6 +58,9 @@ def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_i
         torch.tensor([s.prompt_index for s in samples]), torch.tensor([s.micro_group for s in samples]), prefix_len
     )
     masks = response_masks(prefix_len, torch.tensor([len(s.response_ids) for s in samples]), carriers, width)
+    rollout_logp = torch.zeros((n, width))
+    for row, s in enumerate(samples):
+        rollout_logp[row, s.prefix_len : s.prefix_len + len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -65,4 +69,5 @@ def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_i
         expert_mask=masks.expert,
         policy_mask=masks.policy,
         advantages=advantages.float(),
+        rollout_logp=rollout_logp,
     )

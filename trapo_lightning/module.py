@@ -31,7 +31,7 @@ from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTL
 from trapo_lightning.metrics import step_metrics, validation_metrics
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.reward import MathVerifyReward, Verdict
-from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams, check_rollout_version
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
 from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
@@ -75,6 +75,7 @@ class TrapoModule(L.LightningModule):
         gradient_clip_val: float = 1.0,
         micro_batch_size: int = 8,
         max_consecutive_nonfinite: int = 3,
+        max_rollout_staleness: int = 0,
         rollout_seed: int | None = None,
     ) -> None:
         """
@@ -106,6 +107,8 @@ class TrapoModule(L.LightningModule):
             micro_batch_size: Sequences per forward/backward micro-batch within one optimizer step.
             max_consecutive_nonfinite: A step whose loss or gradient norm is NaN/Inf is skipped and counted; this
                 many in a row stop the run with an error after writing a checkpoint of the last good weights.
+            max_rollout_staleness: Optimizer steps an engine holding its own weight copy (vLLM) may lag behind the
+                policy; sampling from an older copy is an error (0: every rollout from the current weights).
             rollout_seed: Seed of rollout and validation sampling, mixed with the step and rank so every step's
                 samples are reproducible on resume (default: the run's `seed_everything` value). Saved in
                 checkpoints.
@@ -142,6 +145,8 @@ class TrapoModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
         self.rollout_seed = torch.initial_seed() if rollout_seed is None else rollout_seed
         self.ungraded_steps = 0
+        self.max_rollout_staleness = max_rollout_staleness
+        self.policy_version = 0  # optimizer steps applied to the policy; engines with a weight copy are tagged with it
         self.train_batches = 0  # batches trained on, skipped steps included: the sampling seed's step counter
         self._pending_rng_states: dict | None = None
         self.policy: torch.nn.Module | None = None
@@ -181,6 +186,7 @@ class TrapoModule(L.LightningModule):
         checkpoint[_STATE_KEY] = {
             "rollout_seed": self.rollout_seed,
             "train_batches": self.train_batches,
+            "policy_version": self.policy_version,
             "nonfinite": self.nonfinite.state_dict(),
             "rng_states": capture_rng_states(),
         }
@@ -192,6 +198,7 @@ class TrapoModule(L.LightningModule):
             state = checkpoint[_STATE_KEY]
             self.rollout_seed = state["rollout_seed"]
             self.train_batches = state["train_batches"]
+            self.policy_version = state["policy_version"]
             self.nonfinite.load_state_dict(state["nonfinite"])
             self._pending_rng_states = state["rng_states"]
 
@@ -206,6 +213,9 @@ class TrapoModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        rollout_version = self.rollout.weights_version
+        check_rollout_version(rollout_version, self.policy_version, self.max_rollout_staleness)
+        sampled_version = self.policy_version if rollout_version is None else rollout_version
         sampling = replace(self.train_sampling, seed=self._sampling_seed("train", self.train_batches))
         self.train_batches += 1
         groups = sample_micro_groups(
@@ -216,10 +226,13 @@ class TrapoModule(L.LightningModule):
         advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
         samples = [s for group in groups for s in group]
         train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
-        losses, grad_norm = self._optimize(train_batch)
+        losses, grad_norm, mismatch = self._optimize(train_batch)
         self._warn_if_nothing_was_graded(samples)
         metrics = step_metrics(samples, losses)
         metrics["train/grad_norm"] = grad_norm
+        metrics["train/policy_version"] = float(sampled_version)  # the weights this step's rollouts came from
+        if mismatch is not None:
+            metrics["train/rollout_logp_mismatch"] = mismatch
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
@@ -240,15 +253,20 @@ class TrapoModule(L.LightningModule):
                 "the data's answers match its solutions' final \\boxed{} and the reward's timeout_s."
             )
 
-    def _optimize(self, batch: TrainBatch) -> tuple[list[TrapoLoss], float]:
-        """One optimizer step over the whole batch in micro-batches; the per-micro-batch losses and the grad norm."""
+    def _optimize(self, batch: TrainBatch) -> tuple[list[TrapoLoss], float, float | None]:
+        """One optimizer step over the whole batch in micro-batches. Returns the per-micro-batch losses, the grad
+        norm, and the mean |logp_rollout - logp_train| over policy tokens (None when the rollout temperature is
+        not 1, where the sampler's log-probs are of a different distribution)."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         totals = dict(num_sequences=batch.input_ids.shape[0],
                       num_loss_tokens=int((batch.expert_mask | batch.policy_mask).sum()))
         losses = []
+        gap, gap_tokens = 0.0, 0
         for chunk in batch.chunks(self.micro_batch_size):
             logp, entropy = self._policy_logprobs(chunk)
+            gap += float(((logp.detach() - chunk.rollout_logp).abs() * chunk.policy_mask).sum())
+            gap_tokens += int(chunk.policy_mask.sum())
             ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
             loss = trapo_loss(
                 logp, logp.detach(), entropy, chunk.advantages, chunk.expert_mask, chunk.policy_mask,
@@ -265,12 +283,14 @@ class TrapoModule(L.LightningModule):
         action = self.nonfinite.update(finite)
         if action is StepAction.step:
             optimizer.step()
+            self.policy_version += 1
             if (scheduler := self.lr_schedulers()) is not None:
                 scheduler.step()  # manual optimization: Lightning leaves scheduling to the step
         else:
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
-        return losses, grad_norm
+        mismatch = gap / gap_tokens if gap_tokens and self.train_sampling.temperature == 1.0 else None
+        return losses, grad_norm, mismatch
 
     def _report_nonfinite(self, action: StepAction, loss: float, grad_norm: float) -> None:
         where = f"training batch {self.train_batches - 1} (optimizer step {self.global_step})"

@@ -9,7 +9,7 @@ a later issue can compare them with the trainer's log-probs (the train/rollout m
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,7 +47,12 @@ class Generation(NamedTuple):
 
 
 class RolloutEngine(abc.ABC):
-    """Samples continuations from the policy. `bind` is called once the policy exists (after `configure_model`)."""
+    """Samples continuations from the policy. `bind` is called once the policy exists (after `configure_model`).
+
+    An engine either samples the training module itself (`weights_version` None: always current, nothing to
+    refresh) or holds its own copy of the weights (vLLM): then `load_weights` replaces that copy and records the
+    policy version it came from, and the module refuses to sample from a copy older than it allows.
+    """
 
     @abc.abstractmethod
     def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
@@ -56,3 +61,36 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         """One continuation per request, in request order."""
+
+    @property
+    def weights_version(self) -> int | None:
+        """Policy version (optimizer steps taken) of the weights the engine samples from; None if it samples the
+        live training module."""
+        return None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the engine's copy of the weights (Hugging Face parameter names, full tensors), streamed."""
+        raise NotImplementedError(f"{type(self).__name__} samples the training module itself; nothing to load")
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory between rollouts, where the backend can (no-op otherwise)."""
+
+    def wake(self) -> None:
+        """Undo `sleep` before the next rollout."""
+
+
+class StaleRolloutError(RuntimeError):
+    """The rollout engine's weights are older than the policy allows: samples would silently be off-policy."""
+
+
+def check_rollout_version(engine_version: int | None, policy_version: int, max_staleness: int) -> None:
+    """Raise unless the engine samples the live policy (None) or a copy at most `max_staleness` steps old."""
+    if engine_version is None:
+        return
+    lag = policy_version - engine_version
+    if not 0 <= lag <= max_staleness:
+        raise StaleRolloutError(
+            f"the rollout engine holds policy version {engine_version} but the policy is at version "
+            f"{policy_version} (allowed lag: {max_staleness}). Add trapo_lightning.callbacks.VLLMRolloutRefresh to "
+            "trainer.callbacks, or raise model.max_rollout_staleness to its every_n_steps - 1."
+        )
