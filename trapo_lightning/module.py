@@ -218,10 +218,12 @@ class TrapoModule(L.LightningModule):
         sampled_version = self.policy_version if rollout_version is None else rollout_version
         sampling = replace(self.train_sampling, seed=self._sampling_seed("train", self.train_batches))
         self.train_batches += 1
+        self.rollout.wake()
         groups = sample_micro_groups(
             batch.records, self.guidance, self.rollout, self.reward, self.prefixer, sampling,
             self.max_response_tokens,
         )
+        self.rollout.sleep()  # on GPU the engine's KV cache and weight copy make room for the backward
         rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
         advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
         samples = [s for group in groups for s in group]
@@ -343,7 +345,9 @@ class TrapoModule(L.LightningModule):
         The sampling seed depends on (step, batch), not on what ran before, so validations are comparable."""
         requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records]
         sampling = replace(self.val_sampling, seed=self._sampling_seed(prefix, self.global_step, batch_idx))
+        self.rollout.wake()
         generations = self.rollout.generate(requests, sampling)
+        self.rollout.sleep()
         texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
         results = self.reward(texts, [r.answer for r in batch.records])
         return validation_metrics(results, generations, prefix)
