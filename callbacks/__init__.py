@@ -1,6 +1,29 @@
 """Swappable training behaviours, installed as `trapo_lightning.callbacks` (configs write that path)."""
 
+from trapo_lightning.callbacks.controllers import AdaptiveAlpha, AdaptiveKL, AlphaSchedule
 from trapo_lightning.callbacks.preemption import PreemptionCheckpoint
+from trapo_lightning.callbacks.prefix_schedules import (
+    AdaptiveGuidance,
+    CosineHint,
+    FixedPrefix,
+    LuffyGuidance,
+    NoGuidanceSchedule,
+    PrefixSchedule,
+    SFTOnly,
+)
 from trapo_lightning.callbacks.validate_on_start import ValidateOnStart
 
-__all__ = ["PreemptionCheckpoint", "ValidateOnStart"]
+__all__ = [
+    "AdaptiveAlpha",
+    "AdaptiveGuidance",
+    "AdaptiveKL",
+    "AlphaSchedule",
+    "CosineHint",
+    "FixedPrefix",
+    "LuffyGuidance",
+    "NoGuidanceSchedule",
+    "PrefixSchedule",
+    "PreemptionCheckpoint",
+    "SFTOnly",
+    "ValidateOnStart",
+]

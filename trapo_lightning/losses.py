@@ -70,6 +70,8 @@ class TrapoLoss(NamedTuple):
     """Summed RL terms over policy tokens / N."""
     kl: Tensor
     """Summed KL terms over policy tokens / N (without kl_coef); 0 without ref_logp."""
+    kl_per_token: Tensor
+    """Mean KL term per policy token (what a KL controller targets); 0 without ref_logp or policy tokens."""
     entropy: Tensor
     """Mean entropy over expert and policy tokens; 0 without any."""
     expert_tokens: Tensor
@@ -278,6 +280,7 @@ def trapo_loss(
         sft_loss=(sft_sum / denominator).detach(),
         policy_loss=(policy_sum / denominator).detach(),
         kl=(kl_sum / denominator).detach(),
+        kl_per_token=(kl_sum / policy_tokens.clamp(min=1.0)).detach().float(),
         entropy=entropy_mean.detach().float(),
         expert_tokens=expert_tokens,
         policy_tokens=policy_tokens,

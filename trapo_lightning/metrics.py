@@ -52,6 +52,7 @@ def _loss_metrics(losses: Sequence[TrapoLoss]) -> dict[str, float]:
         "train/sft_loss": sum(float(l.sft_loss) for l in losses),
         "train/policy_loss": sum(float(l.policy_loss) for l in losses),
         "train/kl": sum(float(l.kl) for l in losses),
+        "train/kl_per_token": _weighted([float(l.kl_per_token) for l in losses], policy),
         "train/entropy": _weighted([float(l.entropy) for l in losses], [e + p for e, p in zip(expert, policy)]),
         "train/outside_trust_region": _weighted([float(l.outside_trust_region) for l in losses], expert),
         "train/clip_fraction": _weighted([float(l.clip_fraction) for l in losses], policy),

@@ -212,7 +212,9 @@ class TrapoModule(L.LightningModule):
         return derive_seed(self.rollout_seed, *where, self.global_rank)
 
     # -- training -------------------------------------------------------------------------------------------------
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict:
+        """One TRAPO step. Returns {"samples": the step's samples, "metrics": what was logged}, which Lightning hands
+        to callbacks' `on_train_batch_end` as `outputs` (guidance statistics, trust-region and KL controllers)."""
         rollout_version = self.rollout.weights_version
         check_rollout_version(rollout_version, self.policy_version, self.max_rollout_staleness)
         sampled_version = self.policy_version if rollout_version is None else rollout_version
@@ -238,8 +240,10 @@ class TrapoModule(L.LightningModule):
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
+        logged = dict(metrics)
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        return {"samples": samples, "metrics": logged}
 
     def _warn_if_nothing_was_graded(self, samples: list) -> None:
         """Every reward of the step unparseable or timed out, expert-guided samples included, is a data or verifier
