@@ -1,5 +1,6 @@
 """Swappable training behaviours, installed as `trapo_lightning.callbacks` (configs write that path)."""
 
+from trapo_lightning.callbacks.completions import CompletionsTable
 from trapo_lightning.callbacks.controllers import AdaptiveAlpha, AdaptiveKL, AlphaSchedule
 from trapo_lightning.callbacks.preemption import PreemptionCheckpoint
 from trapo_lightning.callbacks.prefix_schedules import (
@@ -18,6 +19,7 @@ __all__ = [
     "AdaptiveGuidance",
     "AdaptiveKL",
     "AlphaSchedule",
+    "CompletionsTable",
     "CosineHint",
     "FixedPrefix",
     "LuffyGuidance",
