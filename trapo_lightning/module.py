@@ -36,6 +36,8 @@ from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
 from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
 from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
+from trapo_lightning.timing import PhaseTimer
+from trapo_lightning.sharding import GatheredRollout, mixed_precision_policy, shard_decoder
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -163,6 +165,16 @@ class TrapoModule(L.LightningModule):
         self.policy.config.use_cache = False  # training forwards need no KV cache; generate turns it on itself
         self.reference = self.policy_source.load_model()
         self.reference.requires_grad_(False).eval()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 per decoder layer (trapo_lightning/sharding.py)
+            mp_policy = mixed_precision_policy(self.trainer.precision)
+            shard_decoder(self.policy, self.device_mesh, mp_policy)
+            reference = shard_decoder(self.reference, self.device_mesh, mp_policy)
+            # A plain attribute, not a submodule: the strategy loads a checkpoint into every registered parameter
+            # and reads the state dict from them, while checkpoints leave the reference out (it is the policy folder).
+            del self.reference
+            object.__setattr__(self, "reference", reference)
+            if self.rollout.weights_version is None:  # samples the policy itself: gather it around each rollout
+                self.rollout = GatheredRollout(self.rollout)
         self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.prefixer = ExpertPrefixer(self.tokenizer)
 
@@ -192,7 +204,7 @@ class TrapoModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:
+        if self.reference is not None and "state_dict" in checkpoint:  # ModelParallelStrategy loads weights itself
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         if _STATE_KEY in checkpoint:
             state = checkpoint[_STATE_KEY]
@@ -220,17 +232,19 @@ class TrapoModule(L.LightningModule):
         sampled_version = self.policy_version if rollout_version is None else rollout_version
         sampling = replace(self.train_sampling, seed=self._sampling_seed("train", self.train_batches))
         self.train_batches += 1
-        self.rollout.wake()
-        groups = sample_micro_groups(
-            batch.records, self.guidance, self.rollout, self.reward, self.prefixer, sampling,
-            self.max_response_tokens,
-        )
-        self.rollout.sleep()  # on GPU the engine's KV cache and weight copy make room for the backward
+        timer = PhaseTimer(self.device)
+        with timer.phase("rollout"):  # sampling and grading, micro-group by micro-group
+            self.rollout.wake()
+            groups = sample_micro_groups(
+                batch.records, self.guidance, self.rollout, self.reward, self.prefixer, sampling,
+                self.max_response_tokens,
+            )
+            self.rollout.sleep()  # on GPU the engine's KV cache and weight copy make room for the backward
         rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
         advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
         samples = [s for group in groups for s in group]
         train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
-        losses, grad_norm, mismatch = self._optimize(train_batch)
+        losses, grad_norm, mismatch = self._optimize(train_batch, timer)
         self._warn_if_nothing_was_graded(samples)
         metrics = step_metrics(samples, losses)
         metrics["train/grad_norm"] = grad_norm
@@ -239,6 +253,7 @@ class TrapoModule(L.LightningModule):
             metrics["train/rollout_logp_mismatch"] = mismatch
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
+        metrics.update(timer.metrics())
         metrics.update({f"data/skipped_{k}": float(v) for k, v in batch.skipped.items()})
         logged = dict(metrics)
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, batch_size=len(batch))
@@ -259,7 +274,7 @@ class TrapoModule(L.LightningModule):
                 "the data's answers match its solutions' final \\boxed{} and the reward's timeout_s."
             )
 
-    def _optimize(self, batch: TrainBatch) -> tuple[list[TrapoLoss], float, float | None]:
+    def _optimize(self, batch: TrainBatch, timer: PhaseTimer) -> tuple[list[TrapoLoss], float, float | None]:
         """One optimizer step over the whole batch in micro-batches. Returns the per-micro-batch losses, the grad
         norm, and the mean |logp_rollout - logp_train| over policy tokens (None when the rollout temperature is
         not 1, where the sampler's log-probs are of a different distribution)."""
@@ -270,10 +285,11 @@ class TrapoModule(L.LightningModule):
         losses = []
         gap, gap_tokens = 0.0, 0
         for chunk in batch.chunks(self.micro_batch_size):
-            logp, entropy = self._policy_logprobs(chunk)
+            with timer.phase("forward"):
+                logp, entropy = self._policy_logprobs(chunk)
+                ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
             gap += float(((logp.detach() - chunk.rollout_logp).abs() * chunk.policy_mask).sum())
             gap_tokens += int(chunk.policy_mask.sum())
-            ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
             loss = trapo_loss(
                 logp, logp.detach(), entropy, chunk.advantages, chunk.expert_mask, chunk.policy_mask,
                 ref_logp=ref_logp, sft_loss=self.sft_loss, trust_region_alpha=self.trust_region_alpha,
@@ -281,18 +297,20 @@ class TrapoModule(L.LightningModule):
                 kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
                 normalizer=self.loss_normalizer, max_response_tokens=self.max_response_tokens, **totals,
             )
-            self.manual_backward(loss.loss)
+            with timer.phase("backward"):
+                self.manual_backward(loss.loss)
             losses.append(loss)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
-        loss = sum(float(l.loss.detach()) for l in losses)
-        finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(loss) and math.isfinite(grad_norm))
-        action = self.nonfinite.update(finite)
-        if action is StepAction.step:
-            optimizer.step()
-            self.policy_version += 1
-            if (scheduler := self.lr_schedulers()) is not None:
-                scheduler.step()  # manual optimization: Lightning leaves scheduling to the step
-        else:
+        with timer.phase("optimizer"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
+            loss = sum(float(l.loss.detach()) for l in losses)
+            finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(loss) and math.isfinite(grad_norm))
+            action = self.nonfinite.update(finite)
+            if action is StepAction.step:
+                optimizer.step()
+                self.policy_version += 1
+                if (scheduler := self.lr_schedulers()) is not None:
+                    scheduler.step()  # manual optimization: Lightning leaves scheduling to the step
+        if action is not StepAction.step:
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
         mismatch = gap / gap_tokens if gap_tokens and self.train_sampling.temperature == 1.0 else None
