@@ -51,6 +51,17 @@ def _off_main_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def _score_within_bound(reward, completion, on_main_thread):
+    """Grade `completion` against 66 on the main thread or off it, asserting the time bound."""
+    start = time.perf_counter()
+    if on_main_thread:
+        result = reward.score(completion, "66")
+    else:
+        result = _off_main_thread(reward.score, completion, "66")
+    assert time.perf_counter() - start < reward.timeout_s + MARGIN_S
+    return result
+
+
 @pytest.fixture(scope="module")
 def reward():
     reward = MathVerifyReward(timeout_s=5.0)
@@ -164,13 +175,7 @@ def test_only_the_tail_is_searched():
 @pytest.mark.parametrize("on_main_thread", [True, False], ids=["main_thread", "off_main_thread"])
 @pytest.mark.parametrize("completion", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
 def test_adversarial_input_returns_in_bounded_time(fast_reward, completion, on_main_thread):
-    start = time.perf_counter()
-    if on_main_thread:
-        result = fast_reward.score(completion, "66")
-    else:
-        result = _off_main_thread(fast_reward.score, completion, "66")
-    elapsed = time.perf_counter() - start
-    assert elapsed < fast_reward.timeout_s + MARGIN_S
+    result = _score_within_bound(fast_reward, completion, on_main_thread)
     # Which verdict depends on the machine's speed, but none of these is 66.
     assert isinstance(result.verdict, Verdict)
     assert result.reward == 0.0
@@ -221,12 +226,7 @@ _HOSTILE = st.one_of(
 @settings(max_examples=10, deadline=None)
 @given(completion=_HOSTILE, on_main_thread=st.booleans())
 def test_hostile_text_never_raises_and_stays_within_the_bound(fast_reward, completion, on_main_thread):
-    start = time.perf_counter()
-    if on_main_thread:
-        result = fast_reward.score(completion, "66")
-    else:
-        result = _off_main_thread(fast_reward.score, completion, "66")
-    assert time.perf_counter() - start < fast_reward.timeout_s + MARGIN_S
+    result = _score_within_bound(fast_reward, completion, on_main_thread)
     assert isinstance(result.verdict, Verdict) and result.reward == (result.verdict is Verdict.correct)
 
 
