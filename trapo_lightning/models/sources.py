@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
 from trapo_lightning.models.tokenizer import TOKENIZER_VERSION, build_tiny_tokenizer
@@ -129,7 +130,11 @@ class TinyRandomQwen2(PolicySource):
             torch.manual_seed(self.spec["seed"])
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        model.save_pretrained(staging)
+        # Not model.save_pretrained: under a process group transformers writes nothing on ranks other than 0, and
+        # whichever rank holds the lock must write the whole folder.
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
         tokenizer.save_pretrained(staging)
         (staging / SPEC_FILE).write_text(json.dumps(self.spec, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
