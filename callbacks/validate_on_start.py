@@ -1,13 +1,16 @@
 """Validate once before the first training step, so every curve starts at step 0 from the untrained policy.
 
-Lightning's sanity check runs only a couple of batches and logs nothing; this runs the whole validation split and
-logs it at step 0 through the trainer's loggers. It is skipped on resume (global_step > 0).
+Lightning's sanity check runs only a couple of batches and logs nothing; this runs every validation benchmark in
+full and logs it at step 0 through the trainer's loggers, under the names validation uses (`val/accuracy`,
+`val/<benchmark>/pass@k`, ...). It is skipped on resume (global_step > 0).
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+
+from trapo_lightning.metrics import HELD_OUT, BenchmarkMetrics, metric_prefix
 
 
 class ValidateOnStart(L.Callback):
@@ -30,14 +33,15 @@ class ValidateOnStart(L.Callback):
     @staticmethod
     @torch.no_grad()
     def evaluate(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Size-weighted means of the module's per-batch metrics, averaged across ranks."""
-        sums: dict[str, float] = {}
-        count = 0
-        for batch_idx, batch in enumerate(trainer.datamodule.val_dataloader()):
-            for key, value in pl_module.evaluate(batch, "val", batch_idx).items():
-                sums[key] = sums.get(key, 0.0) + value * len(batch)
-            count += len(batch)
-        keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        return {k: float(v / totals[-1]) for k, v in zip(keys, totals[:-1])}
+        """Every benchmark's metrics over all its problems on all ranks (the metrics' sum states are reduced)."""
+        loaders = trainer.datamodule.val_dataloader()
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        names = getattr(trainer.datamodule, "benchmark_names", [HELD_OUT])
+        results: dict[str, float] = {}
+        for name, loader in zip(names, loaders, strict=True):
+            prefix = metric_prefix("val", name)
+            metrics = BenchmarkMetrics(pl_module.val_samples, pl_module.pass_at_k).to(pl_module.device)
+            for batch_idx, batch in enumerate(loader):
+                metrics.update(pl_module.evaluate(batch, prefix, batch_idx))
+            results.update(metrics.results(prefix))
+        return results

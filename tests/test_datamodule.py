@@ -3,7 +3,10 @@
 All runs use the tiny policy's real tokenizer, so the prompt ids checked here are the ones the rollout sees.
 """
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.data.prompts import PromptTemplate
@@ -183,3 +186,58 @@ def test_argument_and_policy_errors(tiny_policy_dir):
         TrapoDataModule(tiny_policy_dir, prompts_per_step=0)
     with pytest.raises(ValueError, match="needs `policy`"):
         TrapoDataModule(None, SyntheticSource(train_size=4, val_size=1)).setup("fit")
+
+
+def bench_rows(count: int, offset: int = 0) -> list[dict]:
+    return [{"problem": f"Compute {offset + i} + 1.", "answer": str(offset + i + 1)} for i in range(count)]
+
+
+def test_benchmarks_get_one_loader_each_in_the_order_given(tiny_policy_dir, write_jsonl):
+    train = write_jsonl("train.jsonl", [row(i) for i in range(4)])  # no held-out split: the benchmarks replace it
+    benchmarks = {
+        "math500": JsonlSource(val_files=[write_jsonl("math500.jsonl", bench_rows(3))]),
+        "aime24": JsonlSource(val_files=[write_jsonl("aime24.jsonl", bench_rows(2, offset=100))]),
+    }
+    data = TrapoDataModule(
+        tiny_policy_dir, JsonlSource([train]), prompts_per_step=2, val_batch_size=2, benchmarks=benchmarks
+    )
+    data.setup("fit")
+    assert data.benchmark_names == ["math500", "aime24"]
+    for loaders in (data.val_dataloader(), data.test_dataloader()):
+        math500, aime24 = loaders
+        assert [len(b) for b in math500] == [2, 1]
+        assert [r.problem for b in aime24 for r in b.records] == ["Compute 100 + 1.", "Compute 101 + 1."]
+        assert [r.answer for b in aime24 for r in b.records] == ["101", "102"]
+    assert sorted(data.streams) == ["aime24", "math500", "train"]
+
+
+def test_without_benchmarks_the_held_out_split_is_the_single_loader(tiny_policy_dir):
+    data = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=4, val_size=3), prompts_per_step=2)
+    data.setup("fit")
+    assert data.benchmark_names == ["val"]
+    assert isinstance(data.val_dataloader(), torch.utils.data.DataLoader)
+
+
+@pytest.mark.parametrize("name", ["", "aime.24", "val/aime", "train"])
+def test_a_benchmark_name_must_fit_in_a_metric_name(tiny_policy_dir, name):
+    with pytest.raises(ValueError, match="benchmark name"):
+        TrapoDataModule(tiny_policy_dir, benchmarks={name: SyntheticSource()})
+
+
+def test_an_uneven_benchmark_warns_which_problems_each_rank_leaves_out(tiny_policy_dir, write_jsonl):
+    bench = JsonlSource(val_files=[write_jsonl("aime24.jsonl", bench_rows(5))])
+    data = TrapoDataModule(
+        tiny_policy_dir, SyntheticSource(train_size=4), prompts_per_step=1, benchmarks={"aime24": bench}
+    )
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    with pytest.warns(UserWarning, match=r"aime24: 5 problems over 2 ranks; .* the last 1 are left out"):
+        data.setup("validate")
+    assert [r.problem for b in data.val_dataloader() for r in b.records] == ["Compute 2 + 1.", "Compute 3 + 1."]
+
+
+def test_a_malformed_benchmark_row_names_its_file(tiny_policy_dir, write_jsonl):
+    bad = write_jsonl("aime24.jsonl", [{"problem": "Compute 1 + 1."}])
+    data = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=4), prompts_per_step=1,
+                           benchmarks={"aime24": JsonlSource(val_files=[bad])})
+    with pytest.raises(InvalidRecord, match=r"aime24\.jsonl:1: field 'answer' is missing"):
+        data.setup("validate")

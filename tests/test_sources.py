@@ -1,16 +1,26 @@
-"""JSONL data source: a malformed row names `file:line` and the field, or is skipped and counted per reason.
+"""Data sources: a malformed row names where it is (`file:line`, `file:row i`) and the field, or is skipped and
+counted per reason.
 
 A bad row must never become an empty prompt or a silently zero reward later on, so each failure mode is written
-to a real file and read back through `JsonlSource` (and `parse_row` for the single-row contract).
+to a real file and read back through `JsonlSource` (and `parse_row` for the single-row contract); Parquet and
+Hugging Face datasets (skipped without the `data` extra) must keep the same contract.
 """
 
 import re
+import sys
 from collections import Counter
 
 import pytest
 
 from trapo_lightning.data.records import MathRecord
-from trapo_lightning.data.sources import FieldMap, InvalidRecord, JsonlSource, parse_row
+from trapo_lightning.data.sources import (
+    FieldMap,
+    HFDatasetSource,
+    InvalidRecord,
+    JsonlSource,
+    ParquetSource,
+    parse_row,
+)
 
 GOOD = {"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3\n\n\\boxed{3}", "answer": "3"}
 
@@ -121,3 +131,115 @@ def test_parse_row_directly():
     assert parse_row(raw, "x.jsonl:3", FieldMap(), need_solution=True) == MathRecord("p", "s", "a", "x.jsonl:3")
     with pytest.raises(InvalidRecord, match=r"^x\.jsonl:3: field 'answer' must be a string, got int 42$"):
         parse_row(b'{"problem": "p", "solution": "s", "answer": 42}', "x.jsonl:3", FieldMap(), need_solution=True)
+
+
+# -- Parquet and Hugging Face datasets: the same contract, rows named `file:row i` ----------------------------------
+def parquet_file(path, rows):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pyarrow.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def disk_folder(path, rows):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def write_format(kind, tmp_path, write_jsonl, rows):
+    """`rows` in one of the formats; returns (source class, its extra arguments, the file, where row 2 is)."""
+    if kind == "jsonl":
+        path = write_jsonl("rows.jsonl", rows)
+        return JsonlSource, {}, path, f"{path}:2"
+    if kind == "parquet":
+        path = parquet_file(tmp_path / "rows.parquet", rows)
+        return ParquetSource, {}, path, f"{path}:row 1"
+    if kind == "disk":
+        path = disk_folder(tmp_path / "rows_disk", rows)
+        return HFDatasetSource, {}, path, f"{path}:row 1"
+    pytest.importorskip("datasets")
+    builder, path = kind.split("-")[1], parquet_file(tmp_path / "rows.parquet", rows)
+    if builder == "json":
+        path = write_jsonl("rows.jsonl", rows)
+    return HFDatasetSource, {"builder": builder}, path, f"{path}:row 1"
+
+
+FORMATS = ["jsonl", "parquet", "disk", "stream-json", "stream-parquet"]
+# bad rows every format can hold (a table column has one type; a value can be null or empty)
+TABLE_BAD_ROWS = [
+    (dict(GOOD, solution=""), "empty_solution", "field 'solution' is empty"),
+    (dict(GOOD, problem=None), "non_string_problem", "field 'problem' must be a string, got NoneType None"),
+    (dict(GOOD, answer="  "), "empty_answer", "field 'answer' is empty"),
+]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("bad, reason, mentions", TABLE_BAD_ROWS)
+def test_every_format_names_the_bad_row_and_field(kind, tmp_path, write_jsonl, bad, reason, mentions):
+    source_class, extra, path, where = write_format(kind, tmp_path, write_jsonl, [GOOD, bad, GOOD])
+    with pytest.raises(InvalidRecord) as raised:
+        source_class([path], **extra).load("train")
+    assert str(raised.value) == f"{where}: {mentions}"
+    assert raised.value.reason == reason
+    records, skipped = source_class([path], skip_invalid=True, **extra).load("train")
+    assert len(records) == 2 and skipped == Counter({reason: 1})
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_reads_mapped_columns_in_order(kind, tmp_path, write_jsonl):
+    rows = [{"question": f"Compute {i} - 1.", "reasoning": f"{i} - 1\n\n\\boxed{{{i - 1}}}", "final": str(i - 1)}
+            for i in range(1, 4)]
+    source_class, extra, path, _ = write_format(kind, tmp_path, write_jsonl, rows)
+    fields = FieldMap(problem="question", solution="reasoning", answer="final")
+    records, skipped = source_class([path], fields=fields, **extra).load("train")
+    assert [(r.problem, r.solution, r.answer) for r in records] == [tuple(row.values()) for row in rows]
+    assert not skipped
+    # the validation split of the same files needs no solution column mapping
+    val, _ = source_class(val_files=[path], fields=FieldMap(problem="question", answer="final"), **extra).load("val")
+    assert [(r.problem, r.solution) for r in val] == [(row["question"], "") for row in rows]
+
+
+def test_a_missing_column_fails_on_the_first_row_naming_the_mapping(tmp_path):
+    path = parquet_file(tmp_path / "no_answer.parquet", [{"problem": "Compute 1 + 2.", "solution": "3"}])
+    with pytest.raises(InvalidRecord, match=r"no_answer\.parquet:row 0: field 'answer' is missing; map it"):
+        ParquetSource([path]).load("train")
+
+
+def test_table_values_are_not_coerced_to_strings(tmp_path):
+    # an integer answer column is a wrong type, as in JSONL: convert it in the file rather than guess here
+    path = parquet_file(tmp_path / "ints.parquet", [dict(GOOD, answer=3)])
+    with pytest.raises(InvalidRecord, match=r"ints\.parquet:row 0: field 'answer' must be a string, got int 3"):
+        ParquetSource([path]).load("train")
+
+
+def test_a_dataset_dict_folder_asks_for_one_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "dict"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(folder))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['test'\]; give the folder of one split, e\.g\. "):
+        HFDatasetSource([str(folder)]).load("train")
+    records, _ = HFDatasetSource([str(folder / "test")]).load("train")
+    assert records[0].source == f"{folder / 'test'}:row 0"
+
+
+def test_missing_tables_and_folders_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet does not exist"):
+        ParquetSource([str(tmp_path / "nope.parquet")]).load("train")
+    with pytest.raises(FileNotFoundError, match=r"dataset folder .*nope does not exist; give a folder written by"):
+        HFDatasetSource([str(tmp_path / "nope")]).load("train")
+
+
+def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"PAR1")
+    needs_extra = r"reading Parquet files needs `pyarrow`.*pip install 'trapo-lightning\[data\]'"
+    with pytest.raises(ImportError, match=needs_extra):
+        ParquetSource([str(path)]).load("train")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"needs `datasets`, which is in the optional `data` extra"):
+        HFDatasetSource([str(tmp_path)]).load("train")
+    with pytest.raises(ImportError, match=r"needs `datasets`"):
+        HFDatasetSource([str(path)], builder="parquet").load("train")

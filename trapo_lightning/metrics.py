@@ -1,18 +1,32 @@
-"""What a step logs, computed from the samples and the per-micro-batch loss records.
+"""What a step logs, computed from the samples and the per-micro-batch loss records, and what an evaluation logs.
 
 `train/reward` is the mean reward of unguided samples, the number the paper reports; `train/accuracy` counts
 every sample the loss saw, guided ones included. Guidance is logged as the share of samples at each prefix
 ratio, and the trust-region diagnostic as the share of expert-prefix tokens with p < alpha.
+
+An evaluation samples n answers per problem of a benchmark; its metrics are `{stage}/{benchmark}/...` (stage `val`
+or `test`), and `{stage}/...` for the default benchmark, the training source's held-out split, so the default
+config keeps `val/accuracy`. They are torchmetrics `Metric`s with sum states, accumulated over the epoch and
+reduced across ranks by summing: exact whatever each rank's share of the problems (a mean of per-rank means is not).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from trapo_lightning.evaluation import AverageAtK, PassAtK
 from trapo_lightning.losses import TrapoLoss
 from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.rollout.base import Generation
 from trapo_lightning.sampling import Sample
+
+HELD_OUT = "val"
+"""Name of the default benchmark: the training source's held-out split, whose metrics keep the short names."""
+_FAILURES = (Verdict.wrong, Verdict.unparseable, Verdict.timeout)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -60,12 +74,57 @@ def _loss_metrics(losses: Sequence[TrapoLoss]) -> dict[str, float]:
     }
 
 
-def validation_metrics(results: Sequence[RewardResult], generations: Sequence[Generation], split: str) -> dict:
-    metrics = {
-        f"{split}/accuracy": _mean([float(r.verdict is Verdict.correct) for r in results]),
-        f"{split}/response_length": _mean([float(len(g.token_ids)) for g in generations]),
-        f"{split}/truncated_fraction": _mean([float(not g.finished) for g in generations]),
-    }
-    for verdict in (Verdict.wrong, Verdict.unparseable, Verdict.timeout):
-        metrics[f"{split}/{verdict.value}_fraction"] = _mean([float(r.verdict is verdict) for r in results])
-    return metrics
+def metric_prefix(stage: str, benchmark: str) -> str:
+    """`val/aime24` for benchmark `aime24` in stage `val`; just `val` for the default held-out split."""
+    return stage if benchmark == HELD_OUT else f"{stage}/{benchmark}"
+
+
+class Evaluation(NamedTuple):
+    """One evaluation batch: `samples` graded generations per problem, problem-major (problem i's are
+    `results[i * samples : (i + 1) * samples]`)."""
+
+    results: list[RewardResult]
+    generations: list[Generation]
+    samples: int
+
+    def correct_per_problem(self) -> torch.Tensor:
+        correct = torch.tensor([r.verdict is Verdict.correct for r in self.results], dtype=torch.int64)
+        return correct.view(-1, self.samples).sum(dim=1)  # [P]
+
+
+class BenchmarkMetrics(torch.nn.ModuleDict):
+    """One benchmark's epoch metrics: `accuracy` and `avg@n` (the share of correct samples; the same number under
+    its everyday and its paper name), `pass@k` per k, and per-sample means: `response_length`,
+    `truncated_fraction` and the share of each failing verdict."""
+
+    def __init__(self, samples: int, pass_at_k: Sequence[int]) -> None:
+        super().__init__()
+        self.samples = samples
+        self.pass_at_k = tuple(pass_at_k)
+        self["accuracy"] = AverageAtK()
+        self[f"avg@{samples}"] = AverageAtK()
+        for k in self.pass_at_k:
+            self[f"pass@{k}"] = PassAtK(k)
+        for name in ("response_length", "truncated_fraction", *(f"{v.value}_fraction" for v in _FAILURES)):
+            self[name] = MeanMetric()
+
+    def update(self, evaluation: Evaluation) -> None:
+        if evaluation.samples != self.samples:
+            raise ValueError(f"these metrics count {self.samples} samples per problem, got {evaluation.samples}")
+        correct = evaluation.correct_per_problem()  # [P]
+        self["accuracy"].update(correct, self.samples)
+        self[f"avg@{self.samples}"].update(correct, self.samples)
+        for k in self.pass_at_k:
+            self[f"pass@{k}"].update(correct, self.samples)
+        self._mean("response_length", [len(g.token_ids) for g in evaluation.generations])
+        self._mean("truncated_fraction", [not g.finished for g in evaluation.generations])
+        for verdict in _FAILURES:
+            self._mean(f"{verdict.value}_fraction", [r.verdict is verdict for r in evaluation.results])
+
+    def _mean(self, name: str, values: list) -> None:
+        metric = self[name]
+        metric.update(torch.tensor(values, dtype=torch.float32, device=metric.device))
+
+    def results(self, prefix: str) -> dict[str, float]:
+        """Every metric over what was seen on all ranks, named `{prefix}/{metric}`."""
+        return {f"{prefix}/{name}": float(metric.compute()) for name, metric in self.items()}

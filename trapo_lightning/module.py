@@ -28,7 +28,7 @@ from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
 from trapo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
-from trapo_lightning.metrics import step_metrics, validation_metrics
+from trapo_lightning.metrics import HELD_OUT, BenchmarkMetrics, Evaluation, metric_prefix, step_metrics
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.reward import MathVerifyReward, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams, check_rollout_version
@@ -64,6 +64,8 @@ class TrapoModule(L.LightningModule):
         max_response_tokens: int = 8192,
         rollout_temperature: float = 1.0,
         val_temperature: float = 0.6,
+        val_samples: int = 1,
+        pass_at_k: tuple[int, ...] = (1,),
         sft_loss: SFTLoss = SFTLoss.trust_region,
         trust_region_alpha: float = 0.1,
         policy_loss: PolicyLoss = PolicyLoss.unclipped,
@@ -95,6 +97,9 @@ class TrapoModule(L.LightningModule):
                 normaliser C of the loss.
             rollout_temperature: Sampling temperature of training rollouts (paper: 1.0).
             val_temperature: Sampling temperature of validation (paper: 0.6).
+            val_samples: Answers sampled per validation/test problem, n of avg@n and pass@k (paper: 32 for AIME24 and
+                AMC, else 1).
+            pass_at_k: The k of the unbiased pass@k logged per benchmark, each in [1, val_samples].
             sft_loss: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL) or luffy (p / (p + 0.1)).
             trust_region_alpha: TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1).
             policy_loss: RL loss on the policy's tokens: unclipped (-A * ratio, the paper) or clipped (PPO).
@@ -122,6 +127,13 @@ class TrapoModule(L.LightningModule):
             raise ValueError(f"trust_region_alpha must be in [0, 1], got {trust_region_alpha}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if val_samples < 1:
+            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+        if len(set(pass_at_k)) < len(pass_at_k) or not all(1 <= k <= val_samples for k in pass_at_k):
+            raise ValueError(
+                f"pass_at_k must hold distinct k in [1, val_samples], got {list(pass_at_k)} with val_samples "
+                f"{val_samples}; raise model.val_samples or drop the larger k"
+            )
         self.automatic_optimization = False
         self.policy_source = policy
         self.rollout = rollout or HFGenerateEngine()
@@ -133,6 +145,9 @@ class TrapoModule(L.LightningModule):
         self.max_response_tokens = max_response_tokens
         self.train_sampling = SamplingParams(temperature=rollout_temperature)
         self.val_sampling = SamplingParams(temperature=val_temperature)
+        self.val_samples = val_samples
+        self.pass_at_k = tuple(pass_at_k)
+        self.benchmark_metrics = torch.nn.ModuleDict()  # one BenchmarkMetrics per metric prefix, made on first use
         self.sft_loss = SFTLoss(sft_loss)
         self.trust_region_alpha = trust_region_alpha
         self.policy_loss = PolicyLoss(policy_loss)
@@ -354,22 +369,40 @@ class TrapoModule(L.LightningModule):
         return token_logprobs(self._forward_logits(self.reference, chunk), chunk.targets)
 
     # -- validation -----------------------------------------------------------------------------------------------
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        metrics = self.evaluate(batch, "val", batch_idx)
-        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True, batch_size=len(batch))
-        self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=len(batch))
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_and_log(batch, self._benchmark_prefix("val", dataloader_idx), batch_idx)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "test", batch_idx), on_epoch=True, sync_dist=True, batch_size=len(batch))
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_and_log(batch, self._benchmark_prefix("test", dataloader_idx), batch_idx)
 
-    def evaluate(self, batch: PromptBatch, prefix: str, batch_idx: int = 0) -> dict[str, float]:
-        """One unguided sample per prompt at the validation temperature, graded; metrics named `{prefix}/...`.
-        The sampling seed depends on (step, batch), not on what ran before, so validations are comparable."""
-        requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records]
+    def evaluate(self, batch: PromptBatch, prefix: str, batch_idx: int = 0) -> Evaluation:
+        """`val_samples` unguided samples per prompt at the validation temperature, graded. The sampling seed
+        depends on (prefix, step, batch), not on what ran before, so validations are comparable and a resumed run
+        evaluates as the uninterrupted one did; one sample per prompt draws exactly what it always did."""
+        n = self.val_samples
+        requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records for _ in range(n)]
         sampling = replace(self.val_sampling, seed=self._sampling_seed(prefix, self.global_step, batch_idx))
         self.rollout.wake()
         generations = self.rollout.generate(requests, sampling)
         self.rollout.sleep()
         texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
-        results = self.reward(texts, [r.answer for r in batch.records])
-        return validation_metrics(results, generations, prefix)
+        results = self.reward(texts, [r.answer for r in batch.records for _ in range(n)])
+        return Evaluation(results, generations, n)
+
+    def _benchmark_prefix(self, stage: str, dataloader_idx: int) -> str:
+        names = getattr(self.trainer.datamodule, "benchmark_names", [HELD_OUT])
+        return metric_prefix(stage, names[dataloader_idx])
+
+    def _evaluate_and_log(self, batch: PromptBatch, prefix: str, batch_idx: int) -> None:
+        """Accumulate the batch into the benchmark's metrics; Lightning computes (summed over ranks) and resets
+        them at the end of the epoch."""
+        if prefix not in self.benchmark_metrics:
+            with torch.inference_mode(False):  # states made in inference mode could not be updated outside it
+                self.benchmark_metrics[prefix] = BenchmarkMetrics(self.val_samples, self.pass_at_k).to(self.device)
+        metrics = self.benchmark_metrics[prefix]
+        metrics.update(self.evaluate(batch, prefix, batch_idx))
+        for name, metric in metrics.items():
+            self.log(
+                f"{prefix}/{name}", metric, prog_bar=name == "accuracy", add_dataloader_idx=False,
+                metric_attribute=f"benchmark_metrics.{prefix}.{name}",
+            )

@@ -1,7 +1,14 @@
-"""`TrapoDataModule`: streams prompts with expert solutions to the training step (TRAPO.md, "Settings")."""
+"""`TrapoDataModule`: streams prompts with expert solutions to the training step (TRAPO.md, "Settings"), and the
+problems of the validation/test benchmarks to the evaluation.
+
+Benchmarks (AIME, AMC, MATH-500, ...) are named sources whose `val` split is read, one dataloader each, in the
+order given; Lightning hands the module the loader's index and `benchmark_names` turns it into the name the
+metrics are logged under. Without benchmarks the training source's held-out split is the single benchmark `val`.
+"""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import lightning as L
@@ -12,7 +19,10 @@ from trapo_lightning.data.prompts import PromptTemplate
 from trapo_lightning.data.records import PromptBatch, StreamPosition
 from trapo_lightning.data.sources import DataSource, SyntheticSource
 from trapo_lightning.data.stream import PromptStream
+from trapo_lightning.metrics import HELD_OUT
 from trapo_lightning.models.sources import PolicySource
+
+_BENCHMARK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class TrapoDataModule(L.LightningDataModule):
@@ -26,21 +36,32 @@ class TrapoDataModule(L.LightningDataModule):
         max_prompt_tokens: int = 1024,
         max_response_tokens: int = 8192,
         seed: int = 0,
+        benchmarks: dict[str, DataSource] | None = None,
     ) -> None:
         """
         Args:
             policy: Whose tokenizer and chat template to use; the CLI links it from `model.policy`.
-            source: Where the records come from (synthetic default, or JSONL files).
+            source: Where the records come from (synthetic default, or JSONL, Parquet, datasets or OpenR1 files).
             prompt: System message and user template (default: the paper's).
             prompts_per_step: Prompts per optimizer step on each rank (the paper: 128; its script: 8).
             val_batch_size: Prompts per validation batch on each rank.
             max_prompt_tokens: Longer prompts are skipped and counted; the CLI links it from the model.
             max_response_tokens: Expert solutions longer than this (+EOS) are skipped and counted; linked too.
             seed: Seed of the per-epoch shuffle.
+            benchmarks: Validation and test benchmarks by name, each a source whose `val` split holds
+                {problem, answer} rows (e.g. `aime24: {class_path: trapo_lightning.data.sources.JsonlSource,
+                init_args: {val_files: [aime24.jsonl]}}`); metrics are logged as `val/<name>/...`. Default: the
+                source's held-out split, logged as `val/...`.
         """
         super().__init__()
         if prompts_per_step < 1 or val_batch_size < 1:
             raise ValueError("prompts_per_step and val_batch_size must be >= 1")
+        for name in benchmarks or {}:
+            if not _BENCHMARK_NAME.fullmatch(name) or name == "train":
+                raise ValueError(
+                    f"benchmark name {name!r} must be letters, digits, '_' or '-' (it becomes part of metric names), "
+                    "and not 'train'"
+                )
         self.policy = policy
         self.source = source or SyntheticSource()
         self.prompt = prompt or PromptTemplate()
@@ -49,7 +70,8 @@ class TrapoDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.seed = seed
-        self.streams: dict[str, PromptStream] = {}
+        self.benchmarks = dict(benchmarks) if benchmarks else {HELD_OUT: self.source}
+        self.streams: dict[str, PromptStream] = {}  # "train", and one per benchmark under its name
         self._trained_position: StreamPosition | None = None  # just after the last batch handed to training
         self._resume_position: StreamPosition | None = None
 
@@ -60,17 +82,24 @@ class TrapoDataModule(L.LightningDataModule):
             raise ValueError("TrapoDataModule needs `policy` (the CLI links it from model.policy) for its tokenizer")
         tokenizer = self.policy.load_tokenizer()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        for split, batch_size, train in (("train", self.prompts_per_step, True), ("val", self.val_batch_size, False)):
-            records, skipped = self.source.load(split)
+        splits = [("train", self.source, "train", self.prompts_per_step, True)]
+        splits += [(name, source, "val", self.val_batch_size, False) for name, source in self.benchmarks.items()]
+        for name, source, split, batch_size, train in splits:
+            records, skipped = source.load(split)
             if skipped:
-                rank_zero_warn(f"{split} data: skipped malformed rows by reason: {dict(skipped)}")
-            self._check_size(split, records, batch_size * world if train else world)
+                rank_zero_warn(f"{name} data: skipped malformed rows by reason: {dict(skipped)}")
+            self._check_size(name, records, batch_size * world if train else world)
+            if not train and len(records) % world:
+                rank_zero_warn(
+                    f"{name}: {len(records)} problems over {world} ranks; each rank evaluates an equal share, so the "
+                    f"last {len(records) % world} are left out. Evaluate on a number of devices that divides it."
+                )
             stream = PromptStream(
                 records, tokenizer, self.prompt, batch_size, self.max_prompt_tokens, self.max_response_tokens,
                 shuffle=train, drop_last=train, seed=self.seed, rank=rank, world_size=world,
             )
             stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
-            self.streams[split] = stream
+            self.streams[name] = stream
         if self._resume_position is not None:
             self.streams["train"].resume_from(self._resume_position)
 
@@ -91,6 +120,11 @@ class TrapoDataModule(L.LightningDataModule):
         if "train" in self.streams:
             self.streams["train"].resume_from(self._resume_position)
 
+    @property
+    def benchmark_names(self) -> list[str]:
+        """The benchmarks in the order of the validation and test dataloaders (`dataloader_idx`)."""
+        return list(self.benchmarks)
+
     @staticmethod
     def _check_size(split: str, records: list, needed: int) -> None:
         if len(records) < needed:
@@ -105,11 +139,13 @@ class TrapoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader per benchmark, in `benchmark_names` order; just the loader when there is one."""
+        loaders = [self._loader(name) for name in self.benchmarks]
+        return loaders if len(loaders) > 1 else loaders[0]
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.val_dataloader()
 
     def _loader(self, split: str) -> DataLoader:
         # Batches are made by the stream (it counts skips); tokenizing prompts is cheap next to rollouts, so the
