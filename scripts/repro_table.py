@@ -15,10 +15,12 @@ from pathlib import Path
 
 from trapo_lightning.plots import read_metrics
 
-METHODS = ("trapo", "grpo", "sft", "sft_then_rl", "luffy", "trapo_plain_sft")
+METHODS = ("base", "trapo", "grpo", "sft", "sft_then_rl", "luffy", "trapo_plain_sft")
 
 
 def seed_dirs(root: Path, method: str) -> list[Path]:
+    if method == "base":  # evaluated only (scripts/repro_eval.sh), under runs/repro/base/test
+        return [root / "base" / "test"] if (root / "base" / "test").is_dir() else []
     base = root / method
     dirs = sorted(base.glob("seed*"))
     return [d / "rl" if (d / "rl").is_dir() else d for d in dirs]
@@ -30,7 +32,8 @@ def window_mean(points: list[tuple[int, float]], first: bool, size: int = 25) ->
 
 
 def wall_minutes(run: Path) -> float:
-    files = list(run.rglob("*"))
+    """From the training log's first file to its last write (the test logs in run/test are left out)."""
+    files = list((run / "version_0").rglob("*"))
     stamps = [f.stat().st_mtime for f in files if f.is_file()]
     return (max(stamps) - min(stamps)) / 60 if stamps else float("nan")
 
