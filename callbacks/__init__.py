@@ -13,6 +13,7 @@ from trapo_lightning.callbacks.prefix_schedules import (
     SFTOnly,
 )
 from trapo_lightning.callbacks.validate_on_start import ValidateOnStart
+from trapo_lightning.callbacks.vllm_refresh import VLLMRolloutRefresh
 
 __all__ = [
     "AdaptiveAlpha",
@@ -27,5 +28,6 @@ __all__ = [
     "PrefixSchedule",
     "PreemptionCheckpoint",
     "SFTOnly",
+    "VLLMRolloutRefresh",
     "ValidateOnStart",
 ]

@@ -68,7 +68,8 @@ def fmt(values: list[float | None]) -> str:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/repro")
     rows = {m: [summary(d) for d in seed_dirs(root, m)] for m in METHODS}
-    test_keys = sorted({k for runs in rows.values() for r in runs for k in r if k.startswith("test/")})
+    test_keys = sorted({k for runs in rows.values() for r in runs for k in r
+                        if k.startswith("test/") and ("avg@" in k or "pass@" in k) and not k.endswith("pass@1")})
     columns = ["val_start", "val_end", "val_best", "reward_first", "reward_last", "guided_first", "guided_last",
                *test_keys, "minutes"]
     print("| method | seeds | " + " | ".join(columns) + " |")

@@ -9,6 +9,7 @@ from trapo_lightning.rollout.base import (
     check_rollout_version,
 )
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
+from trapo_lightning.rollout.vllm_engine import VLLMEngine
 
 __all__ = [
     "Generation",
@@ -17,5 +18,6 @@ __all__ = [
     "RolloutRequest",
     "SamplingParams",
     "StaleRolloutError",
+    "VLLMEngine",
     "check_rollout_version",
 ]
