@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
 from trapo_lightning.models.tokenizer import TOKENIZER_VERSION, build_tiny_tokenizer
@@ -97,6 +97,7 @@ class TinyRandomQwen2(PolicySource):
             max_position_embeddings=max_position_embeddings,
             seed=seed,
             tokenizer=TOKENIZER_VERSION,  # a folder made by an older tokenizer is rewritten, not reused
+            weights_format=2,  # 2: the tied LM head stored as embed_tokens (vLLM reads only that name)
         )
 
     def resolve(self) -> Path:
@@ -134,7 +135,10 @@ class TinyRandomQwen2(PolicySource):
         # whichever rank holds the lock must write the whole folder.
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))
+        state = model.state_dict()
+        del state["lm_head.weight"]  # tied to embed_tokens, stored once under that name, as save_pretrained does
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         (staging / SPEC_FILE).write_text(json.dumps(self.spec, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
