@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from trapo_lightning.plots import main, read_metrics, smooth
+from trapo_lightning.plots import main, read_metrics, run_labels, smooth
 
 pytest.importorskip("matplotlib")
 
@@ -45,3 +45,8 @@ def test_plot_writes_the_figures_for_several_runs(tmp_path, capsys):
 def test_a_folder_without_logs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.csv under"):
         read_metrics(tmp_path)
+
+
+def test_runs_with_the_same_folder_name_get_distinct_labels(tmp_path):
+    assert run_labels([tmp_path / "trapo" / "seed0", tmp_path / "grpo" / "seed0"]) == ["trapo/seed0", "grpo/seed0"]
+    assert run_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]

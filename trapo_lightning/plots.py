@@ -48,7 +48,7 @@ def plot_runs(run_dirs: Sequence[Path], out_dir: Path, window: int = 20) -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {Path(d).name or str(d): read_metrics(Path(d)) for d in run_dirs}
+    runs = {label: read_metrics(Path(d)) for label, d in zip(run_labels(run_dirs), run_dirs)}
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
         "reward.png": ("train/reward (unguided samples)", lambda key: key == "train/reward", window),
@@ -72,6 +72,16 @@ def plot_runs(run_dirs: Sequence[Path], out_dir: Path, window: int = 20) -> list
             written.append(out_dir / name)
         plt.close(figure)
     return written
+
+
+def run_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """The shortest trailing parts of each path that tell the runs apart (trapo/seed0 vs grpo/seed0)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in run_dirs]
 
 
 def _is_accuracy(key: str) -> bool:
