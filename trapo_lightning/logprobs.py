@@ -74,8 +74,8 @@ def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, chunk_size: int 
     # Checkpointing only pays when autograd would otherwise save each chunk's float32 temporaries.
     recompute = torch.is_grad_enabled() and logits.requires_grad
     logprob_chunks, entropy_chunks = [], []
-    for start in range(0, batch_size * length, chunk_size):
-        chunk, chunk_targets = rows[start : start + chunk_size], row_targets[start : start + chunk_size]
+    # split, not slicing: each slice's backward would zero-fill and add a full [B*T, V] gradient (quadratic in T)
+    for chunk, chunk_targets in zip(rows.split(chunk_size), row_targets.split(chunk_size)):
         if recompute:
             logprobs, entropy = checkpoint(_rows_logprobs_and_entropy, chunk, chunk_targets, use_reentrant=False)
         else:
