@@ -81,3 +81,22 @@ class ScriptedGrader:
         for answer, count in taken.items():
             assert count == len(self.script[answer][call]), f"call {call}: {count} completions for {answer!r}"
         return results
+
+
+def requests_for(tokenizer, budgets) -> list[RolloutRequest]:
+    """Rollout requests over a few short prompts, one per budget, cycling through the prompts."""
+    prompts = ["1 + 2 =", "34 + 5 - 6 =", "7", "Compute 8 + 9.", "10 - 4 =", "what?", "2 + 2 + 2 + 2 ="]
+    return [
+        RolloutRequest(tuple(tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]), budget)
+        for i, budget in enumerate(budgets)
+    ]
+
+
+def plain_forward_logprobs(policy, prompt_ids, new_ids, temperature) -> torch.Tensor:
+    """log softmax(logits / T) at the sampled ids, from one unpadded forward over prompt + sampled ids."""
+    sequence = torch.tensor([list(prompt_ids) + list(new_ids)])
+    with torch.no_grad():
+        logits = policy(input_ids=sequence, use_cache=False).logits[0].float()  # [L, V]
+    start = len(prompt_ids) - 1  # position start + j predicts new token j
+    steps = logits[start : start + len(new_ids)] / temperature  # [n, V]
+    return torch.log_softmax(steps, dim=-1).gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)

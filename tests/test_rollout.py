@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import one_torch_thread, tiny_qwen2  # noqa: F401 (autouse fixture)
+from helpers import one_torch_thread, plain_forward_logprobs, requests_for, tiny_qwen2  # noqa: F401 (autouse fixture)
 from trapo_lightning.rollout import HFGenerateEngine, RolloutRequest, SamplingParams
 
 TEMPERATURE = 0.7
@@ -58,22 +58,8 @@ def engine(policy_and_tokenizer):
     return engine
 
 
-def requests_for(tokenizer, budgets):
-    prompts = ["1 + 2 =", "34 + 5 - 6 =", "7", "Compute 8 + 9.", "10 - 4 =", "what?", "2 + 2 + 2 + 2 ="]
-    return [
-        RolloutRequest(tuple(tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]), budget)
-        for i, budget in enumerate(budgets)
-    ]
 
 
-def plain_forward_logprobs(policy, prompt_ids, new_ids, temperature) -> torch.Tensor:
-    """log softmax(logits / T) at the sampled ids, from one unpadded forward over prompt + sampled ids."""
-    sequence = torch.tensor([list(prompt_ids) + list(new_ids)])
-    with torch.no_grad():
-        logits = policy(input_ids=sequence, use_cache=False).logits[0].float()  # [L, V]
-    start = len(prompt_ids) - 1  # position start + j predicts new token j
-    steps = logits[start : start + len(new_ids)] / temperature  # [n, V]
-    return torch.log_softmax(steps, dim=-1).gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)
 
 
 def test_generate_before_bind_raises_a_clear_error():

@@ -21,7 +21,13 @@ import sys
 import pytest
 import torch
 
-from helpers import ScriptedEngine, one_torch_thread, tiny_qwen2  # noqa: F401 (autouse fixture)
+from helpers import (  # noqa: F401 (one_torch_thread: autouse fixture)
+    ScriptedEngine,
+    one_torch_thread,
+    plain_forward_logprobs,
+    requests_for,
+    tiny_qwen2,
+)
 from test_module import make_data, make_module, make_trainer
 from trapo_lightning.callbacks import VLLMRolloutRefresh
 from trapo_lightning.models import TinyRandomQwen2
@@ -228,26 +234,12 @@ def vllm_engine(vllm_setup):
         VLLMRolloutRefresh().refresh(policy, engine, version=0)
 
 
-def requests_for(tokenizer, budgets):
-    prompts = ["1 + 2 =", "34 + 5 - 6 =", "7", "Compute 8 + 9.", "10 - 4 =", "what?", "2 + 2 + 2 + 2 ="]
-    return [
-        RolloutRequest(tuple(tokenizer(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]), budget)
-        for i, budget in enumerate(budgets)
-    ]
 
 
-def forward_logprobs(policy, prompt_ids, new_ids, temperature) -> torch.Tensor:
-    """log softmax(logits / T) at the sampled ids, from one plain forward over prompt + sampled ids."""
-    sequence = torch.tensor([list(prompt_ids) + list(new_ids)])
-    with torch.no_grad():
-        logits = policy(input_ids=sequence, use_cache=False).logits[0].float()  # [L, V]
-    start = len(prompt_ids) - 1  # position start + j predicts new token j
-    steps = logits[start : start + len(new_ids)] / temperature  # [n, V]
-    return torch.log_softmax(steps, dim=-1).gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)
 
 
 def max_gap(policy, request, generation, temperature) -> float:
-    expected = forward_logprobs(policy, request.token_ids, generation.token_ids, temperature)
+    expected = plain_forward_logprobs(policy, request.token_ids, generation.token_ids, temperature)
     return float((torch.tensor(generation.logprobs) - expected).abs().max())
 
 
