@@ -76,10 +76,24 @@ def fast_reward():
     reward.close()
 
 
+@pytest.fixture(scope="module")
+def in_process_reward():
+    """isolate=False: main-thread checks run in-process under math-verify's own signal limits."""
+    return MathVerifyReward(timeout_s=5.0, isolate=False)
+
+
 @pytest.mark.parametrize(("completion", "answer", "verdict"), CASES)
-def test_verdicts_on_main_thread(reward, completion, answer, verdict):
+def test_verdicts_on_main_thread(reward, in_process_reward, completion, answer, verdict):
     assert threading.current_thread() is threading.main_thread()
-    assert reward.score(completion, answer) == _expected(verdict)
+    assert reward.score(completion, answer) == _expected(verdict)  # in the worker
+    assert in_process_reward.score(completion, answer) == _expected(verdict)
+    assert in_process_reward._worker is None  # really in-process
+
+
+def test_in_process_timeouts_are_counted_not_silent():
+    # 3000 nested groups take math-verify about 40 s unbounded; its 1 s signal limits end it as a timeout.
+    in_process = MathVerifyReward(timeout_s=1.0, isolate=False)
+    assert in_process.score(ADVERSARIAL["deep_nesting"], "66") == _expected(Verdict.timeout)
 
 
 def test_verdicts_off_main_thread(reward):

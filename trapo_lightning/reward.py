@@ -10,8 +10,11 @@ parseable answer or trips the time limit: `correct` (the only verdict with rewar
 balanced `\\boxed{}`, math-verify finds no expression in it, or math-verify raises on it), and `timeout`. A
 reference answer that math-verify cannot parse is bad data, not a model failure, and raises `ValueError`.
 
-Time bound, and why it depends on the calling thread: math-verify bounds its own work with `signal.alarm`, which
-Python allows on the main thread only (elsewhere `signal.signal` raises ValueError). So
+Time bound. By default (`isolate=True`) every check runs in the worker subprocess described below, so the limit
+is hard in any thread: measured, in-process signal limits let a deep-nesting check run 23 s at a 1 s limit inside
+the test suite's large heap, while the worker's bound held. With `isolate=False` the path depends on the thread,
+because math-verify bounds its own work with `signal.alarm`, which Python allows on the main thread only
+(elsewhere `signal.signal` raises ValueError). So
 - on the main thread, the check runs in-process with math-verify's own limits (`parsing_timeout` of `parse`,
   `timeout_seconds` of `verify`, both `ceil(timeout_s)` whole seconds: `signal.alarm` counts whole seconds) and
   `raise_on_error=True`, so that its `TimeoutException` reaches us as `Verdict.timeout` instead of being turned
@@ -214,15 +217,19 @@ class MathVerifyReward:
     Safe to call from any thread; see the module docstring for how each check's time is bounded.
     """
 
-    def __init__(self, timeout_s: float = 5.0, max_completion_chars: int = 20000) -> None:
+    def __init__(self, timeout_s: float = 5.0, max_completion_chars: int = 20000, isolate: bool = True) -> None:
         """
         Args:
             timeout_s: Time limit of one check in seconds; a check that exceeds it gets `Verdict.timeout` (reward
-                0, counted apart). On the main thread it is math-verify's own per-parse and per-comparison limit,
-                rounded up to whole seconds; off the main thread it is a hard limit on the whole check.
+                0, counted apart). In the worker it is a hard limit on the whole check; in-process (main thread,
+                `isolate: false`) it is math-verify's own per-parse and per-comparison limit, in whole seconds.
             max_completion_chars: Only this many trailing characters of a completion are searched for the final
                 `\\boxed{...}`, which keeps huge completions fast; a final answer that starts before them is
                 unparseable.
+            isolate: Run every check in the worker process, so the time limit is hard in any thread (about 0.5 ms
+                per check of overhead). False checks in-process on the main thread, with math-verify's signal
+                limits: about 4x faster per check, but a check stuck in C code or slowed by the garbage collector
+                of a large training process can overrun them (seen: 23 s at a 1 s limit with the test suite's heap).
         """
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
             raise ValueError(f"timeout_s must be a number of seconds, got {timeout_s!r}")
@@ -234,6 +241,7 @@ class MathVerifyReward:
             raise ValueError(f"max_completion_chars must be > 0, got {max_completion_chars}")
         self.timeout_s = float(timeout_s)
         self.max_completion_chars = max_completion_chars
+        self.isolate = isolate
         self._signal_timeout = math.ceil(self.timeout_s)
         self._worker: _Worker | None = None
         self._worker_lock = threading.Lock()
@@ -247,7 +255,7 @@ class MathVerifyReward:
     def score(self, completion: str, answer: str) -> RewardResult:
         """Scores one completion; raises ValueError if `answer` itself cannot be parsed by math-verify."""
         content = last_boxed(completion[-self.max_completion_chars :])
-        if threading.current_thread() is threading.main_thread():
+        if not self.isolate and threading.current_thread() is threading.main_thread():
             verdict = _check(content, answer, self._signal_timeout)
         else:
             verdict = self._check_in_worker(content, answer)
