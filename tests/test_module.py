@@ -139,7 +139,9 @@ def test_the_reference_forward_runs_once_per_micro_batch_when_kl_coef_is_positiv
     module, trainer, _, (policy_start, reference_start), reference_calls = fit_one_step(
         source, kl_coef=0.1, micro_batch_size=8
     )
-    assert reference_calls == 2  # 2 prompts x 8 samples = 16 sequences in micro-batches of 8
+    # 2 prompts x 8 samples = 16 sequences in micro-batches of 8, each one prompt's group: per micro-batch, one
+    # forward of the shared prompt and one of the responses on its KV cache
+    assert reference_calls == 4
     assert trainer.callback_metrics["train/kl"] == 0.0  # the first step is taken at the reference's weights
     assert any(not torch.equal(v, policy_start[k]) for k, v in module.policy.state_dict().items())
     assert all(torch.equal(v, reference_start[k]) for k, v in module.reference.state_dict().items())

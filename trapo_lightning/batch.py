@@ -26,10 +26,15 @@ class TrainBatch(NamedTuple):
     policy_mask: torch.Tensor  # [N, T] bool: the policy's own tokens (RL loss)
     advantages: torch.Tensor  # [N]
     rollout_logp: torch.Tensor  # [N, T] the sampler's log-probs of the policy's own tokens (0 elsewhere)
+    prompt_index: torch.Tensor  # [N] long: which prompt of the step the row belongs to (rows of one group share it)
 
     @property
     def response_width(self) -> int:
         return self.targets.shape[1]
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_width
 
     def chunks(self, size: int) -> Iterator[TrainBatch]:
         """Row slices of at most `size` sequences (micro-batches of one optimizer step)."""
@@ -70,4 +75,5 @@ def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_i
         policy_mask=masks.policy,
         advantages=advantages.float(),
         rollout_logp=rollout_logp,
+        prompt_index=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
     )

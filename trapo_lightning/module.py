@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from trapo_lightning.advantages import dr_grpo_advantages
 from trapo_lightning.batch import TrainBatch, build_train_batch
 from trapo_lightning.data.records import PromptBatch
+from trapo_lightning.forward import response_logits
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
 from trapo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
@@ -78,6 +79,7 @@ class TrapoModule(L.LightningModule):
         advantage_std_scaling: bool = False,
         gradient_clip_val: float = 1.0,
         micro_batch_size: int = 8,
+        share_prompt_forward: bool = True,
         max_consecutive_nonfinite: int = 3,
         max_rollout_staleness: int = 0,
         rollout_seed: int | None = None,
@@ -112,6 +114,8 @@ class TrapoModule(L.LightningModule):
             advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
             gradient_clip_val: Global gradient-norm clip (paper: 1.0).
             micro_batch_size: Sequences per forward/backward micro-batch within one optimizer step.
+            share_prompt_forward: Run each distinct prompt of a micro-batch once and reuse its KV cache for all of
+                its group's rows (same log-probs, fewer tokens through forward and backward; `forward.py`).
             max_consecutive_nonfinite: A step whose loss or gradient norm is NaN/Inf is skipped and counted; this
                 many in a row stop the run with an error after writing a checkpoint of the last good weights.
             max_rollout_staleness: Optimizer steps an engine holding its own weight copy (vLLM) may lag behind the
@@ -159,6 +163,7 @@ class TrapoModule(L.LightningModule):
         self.advantage_std_scaling = advantage_std_scaling
         self.gradient_clip_val = gradient_clip_val
         self.micro_batch_size = micro_batch_size
+        self.share_prompt_forward = share_prompt_forward
         self.nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
         self.rollout_seed = torch.initial_seed() if rollout_seed is None else rollout_seed
         self.ungraded_steps = 0
@@ -354,12 +359,7 @@ class TrapoModule(L.LightningModule):
         return os.path.join(folder, f"nonfinite-stop-step{self.global_step}.ckpt")
 
     def _forward_logits(self, model: torch.nn.Module, chunk: TrainBatch) -> torch.Tensor:
-        width = chunk.response_width
-        out = model(
-            input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids,
-            logits_to_keep=width + 1, use_cache=False,
-        )
-        return out.logits[:, :width]  # [b, T, V]: position j predicts response token j
+        return response_logits(model, chunk, self.share_prompt_forward)  # [b, T, V]: j predicts response token j
 
     def _policy_logprobs(self, chunk: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return token_logprobs_and_entropy(self._forward_logits(self.policy, chunk), chunk.targets)
