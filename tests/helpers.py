@@ -61,25 +61,25 @@ class ScriptedEngine(RolloutEngine):
 
 
 class ScriptedGrader:
-    """A grader whose rewards are chosen per call: `script[answer][k]` lists, in order, the rewards of the
-    completions for `answer` in the k-th call (one call per micro-group). Records every call's texts."""
+    """A grader whose rewards are chosen per prompt: `script[answer][i]` lists the rewards of that prompt's
+    micro-group i, handed out in order as the prompt's completions arrive (sampling grades each prompt's samples in
+    micro-group order, whatever rounds it batches them in). Records every call's texts."""
 
     def __init__(self, script: dict[str, list[list[float]]]) -> None:
         self.script = script
         self.calls: list[list[tuple[str, str]]] = []
+        self.graded: dict[str, int] = {}
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str]) -> list[RewardResult]:
-        call = len(self.calls)
         self.calls.append(list(zip(completions, answers)))
-        taken: dict[str, int] = {}
         results = []
         for answer in answers:
-            index = taken.get(answer, 0)
-            taken[answer] = index + 1
-            reward = self.script[answer][call][index]
+            rewards = [r for micro_group in self.script[answer] for r in micro_group]
+            index = self.graded.get(answer, 0)
+            assert index < len(rewards), f"more completions for {answer!r} than its script holds"
+            self.graded[answer] = index + 1
+            reward = rewards[index]
             results.append(RewardResult(Verdict.correct if reward == 1.0 else Verdict.wrong, reward))
-        for answer, count in taken.items():
-            assert count == len(self.script[answer][call]), f"call {call}: {count} completions for {answer!r}"
         return results
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from helpers import ScriptedEngine, ScriptedGrader, tiny_qwen2
 from trapo_lightning.data.records import PromptRecord
-from trapo_lightning.guidance import MicroGroupGuidance
+from trapo_lightning.guidance import MicroGroupGuidance, NoGuidance
 from trapo_lightning.reward import Verdict
 from trapo_lightning.rollout.base import RolloutRequest, SamplingParams
-from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
+from trapo_lightning.sampling import ExpertPrefixer, decided_micro_groups, sample_micro_groups
 
 # 44 characters; paragraph breaks at 9-10, 20-21 and 32-33.
 SOLUTION = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n\\boxed{12}"
@@ -130,38 +130,53 @@ def test_ratio_one_makes_the_full_solution_plus_eos_the_response_with_nothing_ge
         assert s.prefix_len == len(full)
         assert s.rollout_logprobs == ()
         assert s.finished
-    # Micro-group 4 sent only p0's (unguided) request to the engine ...
-    assert len(engine.calls[3]) == 1
-    assert engine.calls[3][0] == RolloutRequest(records[0].prompt_ids, MAX_RESPONSE_TOKENS)
+    # Only p0's (unguided) last rollout reached the engine ...
+    assert engine.calls[3] == [RolloutRequest(records[0].prompt_ids, MAX_RESPONSE_TOKENS)]
     # ... but all four were graded, the guided ones on the expert solution itself (EOS is a special token).
-    assert [answer for _, answer in grader.calls[3]] == ["p0", "p1", "p2", "p3"]
-    assert [text for text, _ in grader.calls[3]] == ["42", SOLUTION, SOLUTION, SOLUTION]
+    graded_last = {answer: text for call in grader.calls for text, answer in call}  # each prompt's last completion
+    assert graded_last == {"p0": "42", "p1": SOLUTION, "p2": SOLUTION, "p3": SOLUTION}
 
 
 def test_engine_requests_carry_prompt_plus_prefix_and_the_remaining_budget(scenario, tokenizer):
+    """Rounds: each prompt's next micro-group plus every later one already decided whatever the pending rollouts
+    score (each decision a threshold on the mean of all earlier rewards; pending rollouts bounded by 0 and 1)."""
     records, engine, grader, _ = scenario
-    assert [len(call) for call in engine.calls] == [16, 8, 4, 1]
-    assert len(grader.calls) == 4
+    # round 1: micro-group 1 of every prompt; round 2: p0 mg2 (mg3 open: 4/6 < 0.7 <= 6/6), p1 mg2-4 (0/4 failed:
+    # mg3 at most 2/6 < 0.7, mg4 at most 3/7 < 0.9), p2 mg2 (mg3 open: 3/6 < 0.7 <= 5/6), p3 mg2-4 (2/4: mg3 at
+    # most 4/6 < 0.7, mg4 at most 5/7 < 0.9); round 3: p0 mg3 (mg4 open: 6/7 < 0.9 <= 7/7), p2 mg3-4 (5/6: mg4 at
+    # most 6/7 < 0.9); round 4: p0 mg4. Full-solution samples (ratio 1) are graded but never generated.
+    assert [len(call) for call in engine.calls] == [16, 10, 2, 1]
+    assert [len(call) for call in grader.calls] == [16, 12, 3, 1]
     prompt = {r.answer: r.prompt_ids for r in records}
     p25, p50 = ids(tokenizer, PREFIX_25), ids(tokenizer, PREFIX_50)
-    # micro-group 2 (index 1): p0 unguided x2, p1 at 0.25 x2, p2 unguided x2, p3 unguided x2
     assert engine.calls[1] == [
         RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
         RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
         RolloutRequest(prompt["p1"] + p25, MAX_RESPONSE_TOKENS - len(p25)),
         RolloutRequest(prompt["p1"] + p25, MAX_RESPONSE_TOKENS - len(p25)),
-        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
-        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
-        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
-        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
-    ]
-    # micro-group 3: p1 and p3 at 0.5
-    assert engine.calls[2] == [
-        RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
         RolloutRequest(prompt["p1"] + p50, MAX_RESPONSE_TOKENS - len(p50)),
         RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p3"], MAX_RESPONSE_TOKENS),
         RolloutRequest(prompt["p3"] + p50, MAX_RESPONSE_TOKENS - len(p50)),
     ]
+    assert engine.calls[2] == [
+        RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
+        RolloutRequest(prompt["p2"], MAX_RESPONSE_TOKENS),
+    ]
+
+
+def test_decided_micro_groups_follow_the_bounds_of_the_mean():
+    rule = MicroGroupGuidance()
+    # nothing earlier: micro-group 1 unguided; micro-group 2 needs its 4 rewards (0/4 < 0.5 <= 4/4)
+    assert decided_micro_groups(rule, [], 0) == [(0, 0.0)]
+    # 1/4 < 0.5: guided at 0.25; then at most 3/6 < 0.7 and 4/7 < 0.9: guided at 0.5 and 1.0
+    assert decided_micro_groups(rule, [1, 0, 0, 0], 1) == [(1, 0.25), (2, 0.5), (3, 1.0)]
+    # 4/4: unguided; micro-group 3 open (4/6 < 0.7 <= 6/6)
+    assert decided_micro_groups(rule, [1, 1, 1, 1], 1) == [(1, 0.0)]
+    # a rule that is not a threshold on the mean is asked one micro-group at a time
+    assert decided_micro_groups(NoGuidance(8), [], 0) == [(0, 0.0)]
 
 
 def test_a_continuation_cut_by_the_budget_is_not_finished(tokenizer):

@@ -63,6 +63,10 @@ class GuidanceRule(abc.ABC):
     def micro_groups(self) -> tuple[MicroGroup, ...]:
         """The micro-groups in sampling order."""
 
+    thresholds_mean_reward: bool = False
+    """True when each micro-group's decision is a threshold on the mean of the earlier rewards (so it is settled
+    once both extremes of the pending rewards agree); lets sampling batch settled micro-groups into one round."""
+
     @property
     def group_size(self) -> int:
         """Total rollouts per prompt, G."""
@@ -89,6 +93,8 @@ class GuidanceRule(abc.ABC):
 
 class MicroGroupGuidance(GuidanceRule):
     """TRAPO's adaptive guidance: micro-groups with reward thresholds and growing expert-prefix ratios."""
+
+    thresholds_mean_reward = True
 
     def __init__(
         self,

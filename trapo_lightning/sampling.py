@@ -1,10 +1,15 @@
 """Per-prompt sampling in micro-groups (TRAPO.md, "Per-prompt sampling: micro-groups").
 
 For every prompt of the step, micro-groups are sampled in sequence. Before micro-group i the guidance rule looks at
-the rewards of all earlier samples of each prompt and picks an expert-prefix ratio per prompt (0 = unguided). The
-requests of one micro-group for all prompts go to the rollout engine in one call, and are graded at once, because
-the next micro-group's decision needs these rewards. A ratio of 1.0 makes the whole expert solution (+EOS) the
-response, so nothing is generated for it.
+the rewards of all earlier samples of each prompt and picks an expert-prefix ratio per prompt (0 = unguided). A
+ratio of 1.0 makes the whole expert solution (+EOS) the response, so nothing is generated for it.
+
+Sampling runs in rounds: one engine call and one grading call per round, batched over the prompts. A prompt's
+round holds its next micro-group and every later one whose decision no longer depends on rewards still to come:
+under the paper's rule a prompt that fails its first four rollouts (mean 0 < 0.5) will be guided in the other
+three micro-groups whatever they score (at most 2/6 < 0.7, 3/7 < 0.9), so all three go in one round. The
+decisions are exactly the sequential rule's; what changes is the number of engine round trips, each as long as
+its longest rollout: early in training, when most prompts fail, two instead of three.
 """
 
 from __future__ import annotations
@@ -72,21 +77,53 @@ def sample_micro_groups(
 ) -> list[list[Sample]]:
     """All G samples of every prompt, in micro-group order: `result[p]` holds prompt p's samples."""
     samples: list[list[Sample]] = [[] for _ in records]
-    for index, group in enumerate(guidance.micro_groups):
-        prior = torch.tensor([[s.reward for s in row] for row in samples], dtype=torch.float32)  # [P, k]
-        ratios = guidance.prefix_ratios(index, prior).tolist()  # [P]
-        jobs = [(p, ratio) for p, ratio in enumerate(ratios) for _ in range(group.size)]
-        group_params = params if params.seed is None else replace(params, seed=derive_seed(params.seed, index))
-        new = _sample_jobs(records, jobs, index, engine, grade, prefixer, group_params, max_response_tokens)
-        for sample in new:
+    next_group = [0] * len(records)
+    round_index = 0
+    while any(index < len(guidance.micro_groups) for index in next_group):
+        jobs = []  # (prompt, micro-group, ratio), one per rollout, in micro-group order within each prompt
+        for p, row in enumerate(samples):
+            if next_group[p] == len(guidance.micro_groups):
+                continue
+            decided = decided_micro_groups(guidance, [s.reward for s in row], next_group[p])
+            for index, ratio in decided:
+                jobs += [(p, index, ratio)] * guidance.micro_groups[index].size
+            next_group[p] = decided[-1][0] + 1
+        round_params = params if params.seed is None else replace(params, seed=derive_seed(params.seed, round_index))
+        for sample in _sample_jobs(records, jobs, engine, grade, prefixer, round_params, max_response_tokens):
             samples[sample.prompt_index].append(sample)
+        round_index += 1
     return samples
 
 
-def _sample_jobs(records, jobs, micro_group, engine, grade, prefixer, params, max_response_tokens) -> list[Sample]:
-    shared = {job: prefixer(records[job[0]], job[1]) for job in dict.fromkeys(jobs)}  # one cut per prompt
-    prefixes = [shared[job] for job in jobs]
-    to_generate = [i for i, (_, ratio) in enumerate(jobs) if ratio < 1.0]
+def decided_micro_groups(guidance: GuidanceRule, prior: Sequence[float], start: int) -> list[tuple[int, float]]:
+    """`(micro-group, prefix ratio)` of micro-group `start` and of the later ones already decided.
+
+    Micro-group `start` is decided by the `prior` rewards (all of its earlier samples). A later one is decided when
+    the rule gives the same ratio whether every pending rollout scores 0 or 1; for a rule on the mean of the earlier
+    rewards (`GuidanceRule.thresholds_mean_reward`) every score in between then gives it too.
+    """
+    micro_groups = guidance.micro_groups
+
+    def ratio(index: int, rewards: Sequence[float]) -> float:
+        return float(guidance.prefix_ratios(index, torch.tensor([list(rewards)], dtype=torch.float32).reshape(1, -1)))
+
+    decided = [(start, ratio(start, prior))]
+    pending = micro_groups[start].size
+    for index in range(start + 1, len(micro_groups)):
+        if not guidance.thresholds_mean_reward:
+            break
+        low, high = ratio(index, [*prior, *[0.0] * pending]), ratio(index, [*prior, *[1.0] * pending])
+        if low != high:
+            break
+        decided.append((index, low))
+        pending += micro_groups[index].size
+    return decided
+
+
+def _sample_jobs(records, jobs, engine, grade, prefixer, params, max_response_tokens) -> list[Sample]:
+    cuts = {(p, ratio): prefixer(records[p], ratio) for p, _, ratio in jobs}  # one cut per prompt and ratio
+    prefixes = [cuts[p, ratio] for p, _, ratio in jobs]
+    to_generate = [i for i, (_, _, ratio) in enumerate(jobs) if ratio < 1.0]
     requests = [
         RolloutRequest(records[jobs[i][0]].prompt_ids + prefixes[i], max_response_tokens - len(prefixes[i]))
         for i in to_generate
@@ -99,9 +136,9 @@ def _sample_jobs(records, jobs, micro_group, engine, grade, prefixer, params, ma
         logprobs.append(tuple(gen.logprobs) if gen else ())
         finished.append(gen.finished if gen else True)
     texts = prefixer.tokenizer.batch_decode([list(r) for r in responses], skip_special_tokens=True)
-    results = grade(texts, [records[p].answer for p, _ in jobs])
+    results = grade(texts, [records[p].answer for p, _, _ in jobs])
     return [
         Sample(p, micro_group, ratio, records[p].prompt_ids, responses[i], len(prefixes[i]), logprobs[i],
                finished[i], results[i].reward, results[i].verdict)
-        for i, (p, ratio) in enumerate(jobs)
+        for i, (p, micro_group, ratio) in enumerate(jobs)
     ]
