@@ -164,3 +164,36 @@ def test_zero_budget_returns_empty_unfinished_generations(engine, policy_and_tok
     _, tokenizer = policy_and_tokenizer
     generations = engine.generate(requests_for(tokenizer, [0, 0]), SamplingParams())
     assert [tuple(g) for g in generations] == [([], [], False), ([], [], False)]
+
+
+def test_repeated_requests_share_one_prefill_and_sample_what_separate_prefills_sample(policy_and_tokenizer, eos_bias):
+    """A group's rollouts repeat one prompt: prefilled once, copied; the samples and log-probs are those of an engine
+    that prefills every row, and the log-probs still match a plain forward."""
+    policy, tokenizer = policy_and_tokenizer
+    eos_bias.value = 1.0
+    base = requests_for(tokenizer, [8, 8, 8])  # three prompts of different lengths
+    requests = [base[0]] * 4 + [base[1]] * 2 + [base[2]]  # a round: 4 + 2 copies and a single row
+    prefills = []
+    handle = policy.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    runs = {}
+    try:
+        for share in (True, False):
+            prefills.clear()
+            engine = HFGenerateEngine(share_prefill=share)
+            engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            runs[share] = engine.generate(requests, SamplingParams(temperature=TEMPERATURE, seed=5))
+            if share:  # the shared prefill: 3 distinct rows of W - 1 tokens, then generate's one new position
+                width = max(len(r.token_ids) for r in requests)
+                assert prefills[:2] == [(3, width - 1), (7, 1)]
+            else:
+                assert prefills[0] == (7, max(len(r.token_ids) for r in requests))
+    finally:
+        handle.remove()
+    for shared, separate, request in zip(runs[True], runs[False], requests):
+        assert shared.token_ids == separate.token_ids
+        torch.testing.assert_close(torch.tensor(shared.logprobs), torch.tensor(separate.logprobs), atol=1e-5, rtol=0)
+        expected = plain_forward_logprobs(policy, request.token_ids, shared.token_ids, TEMPERATURE)
+        torch.testing.assert_close(torch.tensor(shared.logprobs), expected, atol=1e-4, rtol=0)
+    assert len({tuple(g.token_ids) for g in runs[True][:4]}) > 1  # copies of one prompt still sample independently

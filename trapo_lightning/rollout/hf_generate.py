@@ -1,8 +1,12 @@
 """Rollouts through transformers' `generate` on the training policy itself (KV cache, batched, left padded).
 
 The CPU default and the fallback everywhere: it samples from the very module being trained, so it never needs a
-weight refresh. Requests of one micro-group for all prompts of the step go out in as few `generate` calls as the
+weight refresh. Requests of one sampling round for all prompts of the step go out in as few `generate` calls as the
 batch cap allows; the longest budget in a call bounds it, and each row is then cut to its own budget.
+
+Rows of one prompt's micro-group repeat the same tokens, so the engine prefills each distinct row once and hands
+the KV cache to its copies (`share_prefill`); `generate` then starts from the cache. On the embedded default the
+prompt is two thirds of a row's tokens and four rollouts share it.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutReque
 class HFGenerateEngine(RolloutEngine):
     """Sampling with `model.generate` on the policy being trained."""
 
-    def __init__(self, max_batch_size: int = 256) -> None:
+    def __init__(self, max_batch_size: int = 256, share_prefill: bool = True) -> None:
         """
         Args:
             max_batch_size: Most sequences per `generate` call; larger request lists are split.
+            share_prefill: Prefill each distinct request once and copy its KV cache to the requests that repeat it.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.share_prefill = share_prefill
         self._policy: torch.nn.Module | None = None
         self._eos = self._pad = -1
 
@@ -65,8 +71,11 @@ class HFGenerateEngine(RolloutEngine):
         was_training = policy.training
         policy.eval()
         try:
+            cache = _shared_prefill(policy, requests, input_ids, attention_mask) if self.share_prefill else None
             with _seeded(params.seed, input_ids.device):
-                result = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                result = policy.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, generation_config=config
+                )
         finally:
             policy.train(was_training)
         new_ids = result.sequences[:, input_ids.shape[1] :]  # [N, budget']
@@ -76,6 +85,27 @@ class HFGenerateEngine(RolloutEngine):
             _trim(ids, lps, request.max_new_tokens, self._eos)
             for ids, lps, request in zip(new_ids.tolist(), logprobs.tolist(), requests)
         ]
+
+
+def _shared_prefill(policy, requests: Sequence[RolloutRequest], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """KV cache of every row but its last token, computed once per distinct request; None when no request repeats.
+
+    The last token stays out of the cache so `generate` has a position to produce the first new token's logits.
+    Positions count real tokens, as `generate` counts them for a left-padded row.
+    """
+    rows = [tuple(r.token_ids) for r in requests]
+    distinct = {row: i for i, row in reversed(list(enumerate(rows)))}  # row -> its first index
+    if len(distinct) == len(rows) or input_ids.shape[1] < 2:
+        return None
+    order = list(distinct)
+    first = torch.tensor([distinct[row] for row in order], device=input_ids.device)  # [U]
+    copies = torch.tensor([order.index(row) for row in rows], device=input_ids.device)  # [N]
+    mask = attention_mask[first, :-1]  # [U, W - 1]
+    positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)
+    out = policy.base_model(input_ids=input_ids[first, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_select_indices(copies)
+    return cache
 
 
 @contextlib.contextmanager
