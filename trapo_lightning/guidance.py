@@ -74,7 +74,8 @@ class GuidanceRule(abc.ABC):
 
     @abc.abstractmethod
     def prefix_ratios(self, index: int, prior_rewards: Tensor) -> Tensor:
-        """`[P]` prefix ratios (0.0 = unguided) for micro-group `index`, given `[P, k]` earlier rewards."""
+        """`[P]` prefix ratios (0.0 = unguided) for micro-group `index`, given `[P, k]` earlier rewards. Each row must
+        be decided by its own rewards alone: sampling asks one prompt at a time."""
 
     def _check_call(self, index: int, prior_rewards: Tensor) -> MicroGroup:
         """Returns micro-group `index` after checking that `prior_rewards` holds exactly its earlier samples."""
