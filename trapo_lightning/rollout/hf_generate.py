@@ -94,12 +94,14 @@ def _shared_prefill(policy, requests: Sequence[RolloutRequest], input_ids: torch
     Positions count real tokens, as `generate` counts them for a left-padded row.
     """
     rows = [tuple(r.token_ids) for r in requests]
-    distinct = {row: i for i, row in reversed(list(enumerate(rows)))}  # row -> its first index
-    if len(distinct) == len(rows) or input_ids.shape[1] < 2:
+    first_index: dict[tuple[int, ...], int] = {}  # distinct row -> where it first occurs, in order of occurrence
+    for i, row in enumerate(rows):
+        first_index.setdefault(row, i)
+    if len(first_index) == len(rows) or input_ids.shape[1] < 2:
         return None
-    order = list(distinct)
-    first = torch.tensor([distinct[row] for row in order], device=input_ids.device)  # [U]
-    copies = torch.tensor([order.index(row) for row in rows], device=input_ids.device)  # [N]
+    slot = {row: k for k, row in enumerate(first_index)}
+    first = torch.tensor(list(first_index.values()), device=input_ids.device)  # [U]
+    copies = torch.tensor([slot[row] for row in rows], device=input_ids.device)  # [N]
     mask = attention_mask[first, :-1]  # [U, W - 1]
     positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)
     out = policy.base_model(input_ids=input_ids[first, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
