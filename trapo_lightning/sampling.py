@@ -105,13 +105,13 @@ def decided_micro_groups(guidance: GuidanceRule, prior: Sequence[float], start: 
     micro_groups = guidance.micro_groups
 
     def ratio(index: int, rewards: Sequence[float]) -> float:
-        return float(guidance.prefix_ratios(index, torch.tensor([list(rewards)], dtype=torch.float32).reshape(1, -1)))
+        return float(guidance.prefix_ratios(index, torch.tensor([list(rewards)], dtype=torch.float32)))  # [1, k]
 
     decided = [(start, ratio(start, prior))]
+    if not guidance.thresholds_mean_reward:
+        return decided
     pending = micro_groups[start].size
     for index in range(start + 1, len(micro_groups)):
-        if not guidance.thresholds_mean_reward:
-            break
         low, high = ratio(index, [*prior, *[0.0] * pending]), ratio(index, [*prior, *[1.0] * pending])
         if low != high:
             break
