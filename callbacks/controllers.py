@@ -27,6 +27,8 @@ def _measured(outputs, key: str) -> float | None:
 
 
 class AlphaSchedule(L.Callback):
+    writes = ("trust_region_alpha",)
+
     def __init__(self, start: float = 0.1, end: float = 0.1, steps: int = 1000, shape: ScheduleShape = "constant"):
         """
         Args:
@@ -50,6 +52,8 @@ class AlphaSchedule(L.Callback):
 
 
 class AdaptiveAlpha(L.Callback):
+    writes = ("trust_region_alpha",)
+
     def __init__(
         self, target_outside: float = 0.1, initial: float = 0.1, gain: float = 1.0, low: float = 1e-3,
         high: float = 0.5,
@@ -92,6 +96,8 @@ class AdaptiveAlpha(L.Callback):
 
 
 class AdaptiveKL(L.Callback):
+    writes = ("kl_coef",)  # the module loads its reference model because of it
+
     def __init__(self, target: float = 0.01, initial: float = 0.05, horizon: float = 100.0) -> None:
         """
         Args:

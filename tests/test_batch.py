@@ -2,7 +2,7 @@
 
 import torch
 
-from trapo_lightning.batch import TrainBatch, build_train_batch
+from trapo_lightning.batch import TrainBatch, build_train_batch, micro_batches, padded_tokens, step_prefix_carriers
 from trapo_lightning.reward import Verdict
 from trapo_lightning.sampling import Sample
 
@@ -102,13 +102,46 @@ def test_advantages_are_float32_in_sample_order():
     assert batch.advantages.tolist() == [0.5, -0.25, -0.25, 0.75, 0.0]
 
 
-def test_chunks_are_row_slices_that_reassemble_the_batch():
-    batch = build()
-    chunks = list(batch.chunks(2))
-    assert [c.input_ids.shape[0] for c in chunks] == [2, 2, 1]
-    for field in TrainBatch._fields:
-        assert torch.equal(torch.cat([getattr(c, field) for c in chunks]), getattr(batch, field)), field
-    assert all(c.response_width == 5 for c in chunks)  # one width for the whole step
+def test_a_micro_batch_keeps_the_step_wide_prefix_carrier():
+    # B and C share (prompt 1, micro-group 1); B carries the prefix loss. A micro-batch holding C alone must not make
+    # C a carrier: the decision is the step's.
+    carriers = step_prefix_carriers(SAMPLES)
+    assert carriers.tolist() == [False, True, False, True, True]
+    alone = build_train_batch([SAMPLES[2]], ADVANTAGES[[2]], PAD, carriers[[2]])
+    assert not bool(alone.expert_mask.any())
+    assert build_train_batch([SAMPLES[2]], ADVANTAGES[[2]], PAD).expert_mask.tolist() == [[True, True, False]]
+
+
+def test_a_micro_batch_is_as_wide_as_its_own_longest_rows():
+    batch = build_train_batch([SAMPLES[0], SAMPLES[4]], ADVANTAGES[[0, 4]], PAD)  # prompt 0 only: Wp = 3
+    assert batch.prompt_width == 3 and batch.response_width == 4  # A's 4 tokens, not the step's 5
+    assert batch.input_ids.tolist() == [[11, 12, 13, 21, 22, 23, 24], [11, 12, 13, 71, 81, PAD, PAD]]
+
+
+def test_micro_batches_without_a_budget_are_runs_in_step_order():
+    assert micro_batches([3] * 5, [4] * 5, max_rows=2) == [[0, 1], [2, 3], [4]]
+    assert micro_batches([3] * 5, [4] * 5, max_rows=8) == [[0, 1, 2, 3, 4]]
+
+
+def test_micro_batches_with_a_budget_pack_rows_sorted_by_length():
+    # totals (prompt + response): 0: 2+8=10, 1: 2+1=3, 2: 2+30=32, 3: 2+2=4, 4: 2+9=11, 5: 2+2=4
+    prompts, responses = [2] * 6, [8, 1, 30, 2, 9, 2]
+    # longest first: 2 (32), 4 (11), 0 (10), 3 (4), 5 (4, after 3: step order), 1 (3); budget 24:
+    # [2] alone costs 1 x 32 > 24: over-long rows go alone; [4, 0]: 2 x 11 = 22 <= 24, + 3 would be 3 x 11 = 33;
+    # [3, 5, 1]: 3 x 4 = 12
+    assert micro_batches(prompts, responses, max_rows=8, max_tokens=24) == [[2], [4, 0], [3, 5, 1]]
+    # the row cap still holds: 2 rows at most
+    assert micro_batches(prompts, responses, max_rows=2, max_tokens=24) == [[2], [4, 0], [3, 5], [1]]
+    # every row once
+    plan = micro_batches(prompts, responses, max_rows=3, max_tokens=15)
+    assert sorted(i for rows in plan for i in rows) == list(range(6))
+
+
+def test_the_budget_counts_the_longest_prompt_and_the_longest_response_of_a_micro_batch():
+    # row 0: prompt 10 + response 1 = 11; row 1: prompt 1 + response 9 = 10. Together: 2 x (10 + 9) = 38 tokens
+    assert padded_tokens([10, 1], [1, 9]) == 38
+    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=37) == [[0], [1]]
+    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=38) == [[0, 1]]
 
 
 def test_empty_responses_give_a_width_one_batch_with_no_loss_tokens():

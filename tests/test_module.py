@@ -1,8 +1,8 @@
 """`TrapoModule` under a real Lightning Trainer on a tiny Qwen2 and the synthetic task.
 
-What the step must do to the models: the policy moves, the frozen reference does not (nor is it optimised, put in
-train mode, or even run while kl_coef is 0), micro-batching does not change the update, and checkpoints hold the
-policy but not the reference, which is restored from the policy folder on load.
+What the step must do to the models: the policy moves, the frozen reference does not (nor is it optimised or put in
+train mode; with kl_coef 0 and no KL-tuning callback it is not even loaded), micro-batching does not change the
+update, and checkpoints hold the policy but not the reference, which is restored from the policy folder on load.
 """
 
 import lightning as L
@@ -74,7 +74,8 @@ class ModeObserver(L.Callback):
         self.policy_at_start = snapshot(pl_module.policy)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.modes.append((pl_module.policy.training, pl_module.reference.training))
+        reference = pl_module.reference
+        self.modes.append((pl_module.policy.training, None if reference is None else reference.training))
 
 
 class CountCalls:
@@ -102,11 +103,36 @@ def fit_one_step(source, **overrides):
 @pytest.fixture(scope="module")
 def fitted(source):
     """The paper's setting (kl_coef = 0), real `generate` rollouts and math-verify rewards."""
-    return fit_one_step(source)
+    module = make_module(source)
+    trainer = make_trainer(callbacks=[observer := ModeObserver()])
+    trainer.fit(module, datamodule=make_data(source))
+    return module, trainer, observer
 
 
-def test_one_step_changes_the_policy_and_leaves_the_reference_identical(fitted, source):
-    module, trainer, _, (policy_start, reference_start), _ = fitted
+@pytest.fixture(scope="module")
+def fitted_with_kl(source):
+    """A KL penalty: the reference is loaded and runs."""
+    return fit_one_step(source, kl_coef=0.1, micro_batch_size=8)
+
+
+def test_without_a_kl_term_the_reference_is_not_loaded(fitted, source):
+    module, trainer, observer = fitted
+    assert module.reference is None
+    assert observer.modes == [(True, None)]
+    on_disk = source.load_model().state_dict()
+    assert any(not torch.equal(v, on_disk[k]) for k, v in module.policy.state_dict().items())
+
+
+def test_a_callback_that_tunes_kl_coef_makes_the_module_load_the_reference(source):
+    from trapo_lightning.callbacks import AdaptiveKL
+
+    module = make_module(source)
+    make_trainer(callbacks=[AdaptiveKL()]).fit(module, datamodule=make_data(source))
+    assert module.reference is not None and module.kl_coef > 0
+
+
+def test_one_step_changes_the_policy_and_leaves_the_reference_identical(fitted_with_kl, source):
+    module, trainer, _, (policy_start, reference_start), _ = fitted_with_kl
     assert trainer.global_step == 1
     policy_now, reference_now = snapshot(module.policy), snapshot(module.reference)
     changed = [k for k in policy_now if not torch.equal(policy_now[k], policy_start[k])]
@@ -116,8 +142,8 @@ def test_one_step_changes_the_policy_and_leaves_the_reference_identical(fitted, 
     assert all(torch.equal(reference_now[k], on_disk[k]) for k in on_disk)
 
 
-def test_the_reference_is_frozen_outside_the_optimizer_and_stays_in_eval_mode(fitted):
-    module, trainer, observer, _, _ = fitted
+def test_the_reference_is_frozen_outside_the_optimizer_and_stays_in_eval_mode(fitted_with_kl):
+    module, trainer, observer, _, _ = fitted_with_kl
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimised == {id(p) for p in module.policy.parameters()}
     assert not optimised & {id(p) for p in module.reference.parameters()}
@@ -130,15 +156,8 @@ def test_the_reference_is_frozen_outside_the_optimizer_and_stays_in_eval_mode(fi
     assert module.policy.training and not module.reference.training
 
 
-def test_the_reference_forward_is_skipped_when_kl_coef_is_zero(fitted):
-    *_, reference_calls = fitted
-    assert reference_calls == 0
-
-
-def test_the_reference_forward_runs_once_per_micro_batch_when_kl_coef_is_positive(source):
-    module, trainer, _, (policy_start, reference_start), reference_calls = fit_one_step(
-        source, kl_coef=0.1, micro_batch_size=8
-    )
+def test_the_reference_forward_runs_once_per_micro_batch_when_kl_coef_is_positive(fitted_with_kl):
+    module, trainer, _, (policy_start, reference_start), reference_calls = fitted_with_kl
     # 2 prompts x 8 samples = 16 sequences in micro-batches of 8, each one prompt's group: per micro-batch, one
     # forward of the shared prompt and one of the responses on its KV cache
     assert reference_calls == 4
@@ -148,7 +167,7 @@ def test_the_reference_forward_runs_once_per_micro_batch_when_kl_coef_is_positiv
 
 
 def test_step_logs_reward_and_loss_metrics(fitted):
-    _, trainer, *_ = fitted
+    _, trainer, _ = fitted
     metrics = trainer.callback_metrics
     for key in ("train/reward", "train/loss", "train/sft_loss", "train/policy_loss", "train/grad_norm",
                 "train/guided_fraction", "train/expert_tokens"):
@@ -166,19 +185,23 @@ def sgd(params):
 
 @pytest.mark.parametrize("normalizer", ["constant", "token_mean"])
 def test_micro_batched_step_makes_the_same_update_as_one_full_batch(source, normalizer):
-    """16 sequences in micro-batches of 2 (8 x 2) or 3 (5 x 3 + 1) == 1 x 16. Every micro-batch loss is normalised by
-    the whole step's totals (sequences for `constant`, loss tokens for `token_mean`), so the gradients add up to
-    the full batch's, entropy bonus included. The rollouts are scripted (the same in every run) and the optimizer
-    is plain SGD, whose update is proportional to the gradient, unlike Adam's first step (~ lr * sign(g)), which
-    would hide a wrong scale. Tolerance: atol 1e-7 / rtol 1e-4 per element; float32 summation order alone gives
-    differences of ~5e-9, while a wrong normalisation would be off by a factor (e.g. 8 for micro-batches of 2).
+    """16 sequences of unequal lengths (two prompts; unguided, prefix-guided and full-solution rows) in micro-batches
+    of 2 (8 x 2) or 3 (5 x 3 + 1) rows, or packed by token budgets, each micro-batch padded to its own width ==
+    1 x 16, and so does recomputing each decoder layer in backward (activation checkpointing). Every micro-batch loss is normalised by the whole step's totals (sequences for `constant`, loss tokens
+    for `token_mean`), so the gradients add up to the full batch's, entropy bonus included. The rollouts are
+    scripted (the same in every run) and the optimizer is plain SGD, whose update is proportional to the gradient,
+    unlike Adam's first step (~ lr * sign(g)), which would hide a wrong scale. Tolerance: atol 1e-7 / rtol 1e-4 per
+    element; float32 summation order alone gives differences of ~5e-9, while a wrong normalisation would be off by a
+    factor (e.g. 8 for micro-batches of 2).
     """
-    updates, losses = [], []
-    for micro_batch_size in (2, 3, 64):
+    updates, losses, plans = [], [], []
+    settings = ((2, None, False), (3, None, False), (64, 150, False), (64, 400, True), (64, None, False))
+    for micro_batch_size, max_tokens, checkpointing in settings:
         engine = ScriptedEngine([], logprob=-1.0)
         module = make_module(
             source, rollout=engine, optimizer=sgd, micro_batch_size=micro_batch_size, entropy_coef=0.01,
-            loss_normalizer=normalizer,
+            loss_normalizer=normalizer, max_tokens_per_micro_batch=max_tokens,
+            activation_checkpointing=checkpointing,
         )
         module.configure_model()
         engine.token_ids = module.tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]
@@ -188,12 +211,15 @@ def test_micro_batched_step_makes_the_same_update_as_one_full_batch(source, norm
         trainer.fit(module, datamodule=make_data(source))
         updates.append({k: v - start[k] for k, v in snapshot(module.policy).items()})
         losses.append(float(trainer.callback_metrics["train/loss"]))
+        plans.append(float(trainer.callback_metrics["train/padding_efficiency"]))
     *micro_batched, full = updates
     assert max(float(u.abs().max()) for u in full.values()) > 1e-4  # the step did something
     for update, loss in zip(micro_batched, losses):
         for key in full:
             torch.testing.assert_close(update[key], full[key], rtol=1e-4, atol=1e-7, msg=key)
         assert loss == pytest.approx(losses[-1], rel=1e-5)
+    # trimming each micro-batch to its own rows wastes less padding than one width for the whole step
+    assert plans[0] > plans[-1] and plans[2] > plans[-1]
 
 
 def fixed_samples(tokenizer) -> list[Sample]:
@@ -216,7 +242,7 @@ def fixed_samples(tokenizer) -> list[Sample]:
 
 def test_padded_batch_logprobs_equal_unpadded_forwards(source):
     """Left padding + position ids counting real tokens: the trainer scores each sequence as if it were alone."""
-    module = make_module(source)
+    module = make_module(source, kl_coef=0.1)
     module.configure_model()
     samples = fixed_samples(module.tokenizer)
     batch = build_train_batch(samples, torch.zeros(len(samples)), module.tokenizer.pad_token_id)
@@ -235,8 +261,8 @@ def test_padded_batch_logprobs_equal_unpadded_forwards(source):
     torch.testing.assert_close(ref_logp, logp)  # untrained policy == reference
 
 
-def test_checkpoint_drops_the_reference_and_loading_restores_it(fitted, source, tmp_path):
-    module, trainer, *_ = fitted
+def test_checkpoint_drops_the_reference_and_loading_restores_it(fitted_with_kl, source, tmp_path):
+    module, trainer, *_ = fitted_with_kl
     path = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
@@ -247,7 +273,7 @@ def test_checkpoint_drops_the_reference_and_loading_restores_it(fitted, source, 
     assert all(torch.equal(checkpoint["state_dict"][f"policy.{k}"], v) for k, v in trained.items())
 
     # Resume: Lightning loads strictly, so on_load_checkpoint must put the reference back (from the folder).
-    resumed = make_module(source)
+    resumed = make_module(source, kl_coef=0.1)
     observer = ModeObserver()
     resumed_trainer = make_trainer(max_steps=2, callbacks=[observer])
     resumed_trainer.fit(resumed, datamodule=make_data(source), ckpt_path=str(path))
@@ -257,12 +283,12 @@ def test_checkpoint_drops_the_reference_and_loading_restores_it(fitted, source, 
     assert all(torch.equal(resumed.reference.state_dict()[k], v) for k, v in on_disk.items())
 
 
-def test_on_load_checkpoint_fills_in_the_reference_for_a_strict_load(fitted, source, tmp_path):
-    module, trainer, *_ = fitted
+def test_on_load_checkpoint_fills_in_the_reference_for_a_strict_load(fitted_with_kl, source, tmp_path):
+    module, trainer, *_ = fitted_with_kl
     path = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    fresh = make_module(source)
+    fresh = make_module(source, kl_coef=0.1)
     fresh.configure_model()
     fresh.on_load_checkpoint(checkpoint)
     assert {k for k in checkpoint["state_dict"] if k.startswith("reference.")} == {
@@ -322,3 +348,29 @@ def test_an_engine_with_a_stale_weight_copy_is_refused(source):
         check_rollout_version(6, 7, 0)
     with pytest.raises(StaleRolloutError):
         check_rollout_version(8, 7, 0)  # ahead of the policy: a copy of some other run
+
+
+def test_activation_checkpointing_recomputes_each_decoder_layer_in_backward(source):
+    calls = {}
+    for checkpointing in (False, True):
+        engine = ScriptedEngine([], logprob=-1.0)
+        module = make_module(
+            source, rollout=engine, activation_checkpointing=checkpointing, micro_batch_size=64,
+            share_prompt_forward=None if checkpointing else False,
+        )
+        module.configure_model()
+        engine.token_ids = module.tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"] + [
+            module.tokenizer.eos_token_id
+        ]
+        layer, entered = module.policy.model.layers[0], []
+        # a pre-hook: the recompute stops as soon as backward has what it needs, before the forward would return
+        layer.register_forward_pre_hook(lambda *_: entered.append(1))
+        make_trainer().fit(module, datamodule=make_data(source))
+        calls[checkpointing] = len(entered)
+    assert module.share_prompt_forward is False  # by default off with checkpointing: no KV cache to replay
+    assert calls == {False: 1, True: 2}  # one micro-batch: its forward, and with checkpointing its recompute
+
+
+def test_activation_checkpointing_and_an_explicit_shared_prompt_forward_conflict(source):
+    with pytest.raises(ValueError, match="share_prompt_forward"):
+        make_module(source, activation_checkpointing=True, share_prompt_forward=True)

@@ -1,14 +1,23 @@
-"""From samples to the padded tensors of one training forward.
+"""From samples to the padded tensors of one training forward, micro-batch by micro-batch.
 
-Prompts are left-padded to a common width and responses right-padded after them, so every response starts at
-the same column: the logits of the response tokens are then the last T + 1 positions of the forward (the model is
-asked for only those, which skips the LM head over the prompt), and one slice serves every row. Position ids
-count real tokens only, as in generation, so the trainer scores exactly the sequence the sampler saw.
+One optimizer step's samples go through forward and backward in micro-batches (`micro_batches`), each built and
+padded on its own (`build_train_batch`): a micro-batch is as wide as its own longest sequence, never the step's.
+With a token budget, rows are sorted by length and packed so that rows x width stays within it, as verl's dynamic
+batch size does: at the paper's shape (8k-token responses, most answers far shorter) a 300-token answer no longer
+costs a ~9k-token forward and backward.
+
+Within a micro-batch, prompts are left-padded to a common width and responses right-padded after them, so every
+response starts at the same column: the log-probs of the response tokens are then the last T + 1 positions of the
+forward, and one slice serves every row. Position ids count real tokens only, as in generation, so the trainer
+scores exactly the sequence the sampler saw.
+
+Which rows carry the SFT loss of a shared expert prefix (`masks.prefix_loss_carriers`) is decided over the whole
+step, before it is split, so a prefix is counted once however its micro-group's rows are spread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,17 +45,27 @@ class TrainBatch(NamedTuple):
     def prompt_width(self) -> int:
         return self.input_ids.shape[1] - self.response_width
 
-    def chunks(self, size: int) -> Iterator[TrainBatch]:
-        """Row slices of at most `size` sequences (micro-batches of one optimizer step)."""
-        for start in range(0, self.input_ids.shape[0], size):
-            yield TrainBatch(*(t[start : start + size] for t in self))
-
     def to(self, device: torch.device) -> TrainBatch:
         return TrainBatch(*(t.to(device) for t in self))
 
 
-def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
-    """`samples` and `advantages` `[N]` in the same order."""
+def step_prefix_carriers(samples: Sequence[Sample]) -> torch.Tensor:
+    """`[N]` bool: which of the step's samples carry the SFT loss of their (prompt, micro-group)'s shared prefix."""
+    return prefix_loss_carriers(
+        torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
+        torch.tensor([s.micro_group for s in samples], dtype=torch.long),
+        torch.tensor([s.prefix_len for s in samples], dtype=torch.long),
+    )
+
+
+def build_train_batch(
+    samples: Sequence[Sample], advantages: torch.Tensor, pad_id: int, carries_prefix_loss: torch.Tensor | None = None
+) -> TrainBatch:
+    """The padded batch of `samples`, with `advantages` `[N]` in the same order.
+
+    `carries_prefix_loss` `[N]` says which rows carry their shared prefix's SFT loss; pass the step-wide decision
+    (`step_prefix_carriers`) when `samples` are one micro-batch of a step. Default: decided among `samples`.
+    """
     prompt_width = max(len(s.prompt_ids) for s in samples)
     width = max(1, max(len(s.response_ids) for s in samples))
     n = len(samples)
@@ -58,10 +77,8 @@ def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_i
         input_ids[row, start:end] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         attention_mask[row, start:end] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    carriers = step_prefix_carriers(samples) if carries_prefix_loss is None else carries_prefix_loss
     prefix_len = torch.tensor([s.prefix_len for s in samples])
-    carriers = prefix_loss_carriers(
-        torch.tensor([s.prompt_index for s in samples]), torch.tensor([s.micro_group for s in samples]), prefix_len
-    )
     masks = response_masks(prefix_len, torch.tensor([len(s.response_ids) for s in samples]), carriers, width)
     rollout_logp = torch.zeros((n, width))
     for row, s in enumerate(samples):
@@ -77,3 +94,44 @@ def build_train_batch(samples: Sequence[Sample], advantages: torch.Tensor, pad_i
         rollout_logp=rollout_logp,
         prompt_index=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
     )
+
+
+def micro_batches(
+    prompt_lengths: Sequence[int], response_lengths: Sequence[int], max_rows: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Row indices of each micro-batch of one optimizer step; every row in exactly one micro-batch.
+
+    A micro-batch's forward is `rows x (longest prompt + longest response)` tokens wide (`padded_tokens`).
+    - `max_tokens` None: runs of `max_rows` consecutive rows, in step order (a prompt's group stays together, which
+      the shared prompt forward exploits).
+    - `max_tokens` set: rows sorted longest first (prompt + response; ties in step order), packed greedily while the
+      micro-batch stays within `max_tokens` and `max_rows`. A row longer than the budget goes alone.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    if len(prompt_lengths) != len(response_lengths):
+        raise ValueError(f"{len(prompt_lengths)} prompt lengths but {len(response_lengths)} response lengths")
+    rows = range(len(prompt_lengths))
+    if max_tokens is None:
+        return [list(rows[start : start + max_rows]) for start in range(0, len(rows), max_rows)]
+    order = sorted(rows, key=lambda i: -(prompt_lengths[i] + max(1, response_lengths[i])))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest_prompt = longest_response = 0
+    for i in order:
+        prompt, response = max(longest_prompt, prompt_lengths[i]), max(longest_response, response_lengths[i], 1)
+        if current and (len(current) == max_rows or (len(current) + 1) * (prompt + response) > max_tokens):
+            batches.append(current)
+            current, prompt, response = [], prompt_lengths[i], max(1, response_lengths[i])
+        current.append(i)
+        longest_prompt, longest_response = prompt, response
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> int:
+    """Tokens one micro-batch of these rows sends through the forward: rows x (longest prompt + longest response)."""
+    return len(prompt_lengths) * (max(prompt_lengths) + max(1, max(response_lengths)))

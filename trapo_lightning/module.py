@@ -4,10 +4,17 @@ One training step: sample each prompt's group in micro-groups (guided by the exp
 failing), grade, compute Dr.GRPO advantages over the whole group, run one forward over prompt + expert prefix +
 continuation, and take one optimizer step on TrSFT (expert-prefix tokens) + RL (the policy's own tokens).
 
-Optimization is manual because a step's sequences go through forward/backward in micro-batches: each micro-batch
-loss is normalised by the whole step's totals, so the summed gradient equals the full-batch gradient exactly.
-The policy's log-probs at the time of sampling serve as `old_logp`: one optimizer step per rollout batch means
-the policy has not changed since sampling (ratio 1, as in the paper's code).
+Optimization is manual because a step's sequences go through forward/backward in micro-batches (trimmed to their
+own width, optionally packed by a token budget: `batch.micro_batches`): each micro-batch loss is normalised by the
+whole step's totals, so the summed gradient equals the full-batch gradient exactly. Log-probs come from a chunked
+LM head (`forward.py`), so no `[N, T, V]` logits exist. The policy's log-probs at the time of sampling serve as
+`old_logp`: one optimizer step per rollout batch means the policy has not changed since sampling (ratio 1, as in
+the paper's code).
+
+Memory at the paper's shape (issue 11): the frozen reference is loaded only when something can use it (a KL
+coefficient, or a callback that tunes one); under FSDP2 both models are built on the meta device and each rank
+reads only its own shards (`models/sharded.py`); `activation_checkpointing` recomputes each decoder layer in
+backward.
 """
 
 from __future__ import annotations
@@ -23,22 +30,22 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from trapo_lightning.advantages import dr_grpo_advantages
-from trapo_lightning.batch import TrainBatch, build_train_batch
+from trapo_lightning.batch import TrainBatch, build_train_batch, micro_batches, padded_tokens, step_prefix_carriers
 from trapo_lightning.data.records import PromptBatch
-from trapo_lightning.forward import response_logits
+from trapo_lightning.forward import response_logprobs
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
-from trapo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
 from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
 from trapo_lightning.metrics import HELD_OUT, BenchmarkMetrics, Evaluation, metric_prefix, step_metrics
+from trapo_lightning.models.sharded import load_sharded
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.reward import MathVerifyReward, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams, check_rollout_version
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
-from trapo_lightning.sampling import ExpertPrefixer, sample_micro_groups
+from trapo_lightning.sampling import ExpertPrefixer, Sample, sample_micro_groups
 from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
 from trapo_lightning.timing import PhaseTimer
-from trapo_lightning.sharding import GatheredRollout, mixed_precision_policy, shard_decoder
+from trapo_lightning.sharding import GatheredRollout, mixed_precision_policy
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -79,7 +86,10 @@ class TrapoModule(L.LightningModule):
         advantage_std_scaling: bool = False,
         gradient_clip_val: float = 1.0,
         micro_batch_size: int = 8,
-        share_prompt_forward: bool = True,
+        max_tokens_per_micro_batch: int | None = None,
+        logprob_chunk_tokens: int = 1024,
+        activation_checkpointing: bool = False,
+        share_prompt_forward: bool | None = None,
         max_consecutive_nonfinite: int = 3,
         max_rollout_staleness: int = 0,
         rollout_seed: int | None = None,
@@ -113,9 +123,18 @@ class TrapoModule(L.LightningModule):
             loss_normalizer: constant (divide by max_response_tokens per sequence, the paper) or token_mean.
             advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
             gradient_clip_val: Global gradient-norm clip (paper: 1.0).
-            micro_batch_size: Sequences per forward/backward micro-batch within one optimizer step.
+            micro_batch_size: Most sequences per forward/backward micro-batch within one optimizer step.
+            max_tokens_per_micro_batch: Token budget of a micro-batch (rows x padded width): sequences are sorted by
+                length and packed up to it, verl's dynamic batch size (`batch.micro_batches`). None: runs of
+                `micro_batch_size` sequences in step order. Either way each micro-batch is padded to its own width.
+            logprob_chunk_tokens: Tokens per chunk of the LM head when computing log-probs and entropies: bounds the
+                `[chunk, vocabulary]` logits that exist at once, in forward and backward (`logprobs.py`).
+            activation_checkpointing: Recompute each decoder layer in backward instead of keeping its activations
+                (composes with FSDP2): activation memory of a micro-batch drops from all layers' to about one layer's
+                plus each layer's input, for roughly one more forward of compute.
             share_prompt_forward: Run each distinct prompt of a micro-batch once and reuse its KV cache for all of
-                its group's rows (same log-probs, fewer tokens through forward and backward; `forward.py`).
+                its group's rows (same log-probs, fewer tokens through forward and backward; `forward.py`). Default
+                (None): on, unless activation checkpointing is (a recomputed layer cannot replay a KV cache).
             max_consecutive_nonfinite: A step whose loss or gradient norm is NaN/Inf is skipped and counted; this
                 many in a row stop the run with an error after writing a checkpoint of the last good weights.
             max_rollout_staleness: Optimizer steps an engine holding its own weight copy (vLLM) may lag behind the
@@ -131,6 +150,15 @@ class TrapoModule(L.LightningModule):
             raise ValueError(f"trust_region_alpha must be in [0, 1], got {trust_region_alpha}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch must be >= 1 or None, got {max_tokens_per_micro_batch}")
+        if logprob_chunk_tokens < 1:
+            raise ValueError(f"logprob_chunk_tokens must be >= 1, got {logprob_chunk_tokens}")
+        if activation_checkpointing and share_prompt_forward:
+            raise ValueError(
+                "share_prompt_forward needs the prompt's KV cache, which a checkpointed decoder layer cannot replay in "
+                "backward; set model.share_prompt_forward to false (or leave it unset) with activation_checkpointing"
+            )
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples}")
         if len(set(pass_at_k)) < len(pass_at_k) or not all(1 <= k <= val_samples for k in pass_at_k):
@@ -163,7 +191,10 @@ class TrapoModule(L.LightningModule):
         self.advantage_std_scaling = advantage_std_scaling
         self.gradient_clip_val = gradient_clip_val
         self.micro_batch_size = micro_batch_size
-        self.share_prompt_forward = share_prompt_forward
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.activation_checkpointing = activation_checkpointing
+        self.share_prompt_forward = not activation_checkpointing if share_prompt_forward is None else share_prompt_forward
         self.nonfinite = NonFiniteGuard(max_consecutive_nonfinite)
         self.rollout_seed = torch.initial_seed() if rollout_seed is None else rollout_seed
         self.ungraded_steps = 0
@@ -181,14 +212,15 @@ class TrapoModule(L.LightningModule):
         if self.policy is not None:  # idempotent: Lightning may call it more than once
             return
         self.tokenizer = self.policy_source.load_tokenizer()
-        self.policy = self.policy_source.load_model().train()  # from_pretrained returns eval mode
+        load = self._load_model
+        self.policy = load().train()  # from_pretrained returns eval mode
         self.policy.config.use_cache = False  # training forwards need no KV cache; generate turns it on itself
-        self.reference = self.policy_source.load_model()
-        self.reference.requires_grad_(False).eval()
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 per decoder layer (trapo_lightning/sharding.py)
-            mp_policy = mixed_precision_policy(self.trainer.precision)
-            shard_decoder(self.policy, self.device_mesh, mp_policy)
-            reference = shard_decoder(self.reference, self.device_mesh, mp_policy)
+        if self.activation_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reference = load().requires_grad_(False).eval() if self._reference_needed() else None
+        if self.device_mesh is None:
+            self.reference = reference
+        else:  # ModelParallelStrategy: FSDP2 per decoder layer (trapo_lightning/sharding.py)
             # A plain attribute, not a submodule: the strategy loads a checkpoint into every registered parameter
             # and reads the state dict from them, while checkpoints leave the reference out (it is the policy folder).
             del self.reference
@@ -197,6 +229,20 @@ class TrapoModule(L.LightningModule):
                 self.rollout = GatheredRollout(self.rollout)
         self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.prefixer = ExpertPrefixer(self.tokenizer)
+
+    def _load_model(self) -> torch.nn.Module:
+        """The policy folder's model: whole on this process, or under FSDP2 only this rank's shards of it."""
+        if self.device_mesh is None:
+            return self.policy_source.load_model()
+        return load_sharded(
+            self.policy_source.resolve(), self.device_mesh, self.trainer.strategy.root_device,
+            mixed_precision_policy(self.trainer.precision),
+        )
+
+    def _reference_needed(self) -> bool:
+        """The frozen reference only serves the KL term: load it when kl_coef is set or a callback may set it."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return self.kl_coef != 0 or any("kl_coef" in getattr(callback, "writes", ()) for callback in callbacks)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -263,11 +309,11 @@ class TrapoModule(L.LightningModule):
         rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
         advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
         samples = [s for group in groups for s in group]
-        train_batch = build_train_batch(samples, advantages.flatten(), self.tokenizer.pad_token_id).to(self.device)
-        losses, grad_norm, mismatch = self._optimize(train_batch, timer)
+        losses, grad_norm, mismatch, padding_efficiency = self._optimize(samples, advantages.flatten(), timer)
         self._warn_if_nothing_was_graded(samples)
         metrics = step_metrics(samples, losses)
         metrics["train/grad_norm"] = grad_norm
+        metrics["train/padding_efficiency"] = padding_efficiency
         metrics["train/policy_version"] = float(sampled_version)  # the weights this step's rollouts came from
         if mismatch is not None:
             metrics["train/rollout_logp_mismatch"] = mismatch
@@ -294,17 +340,31 @@ class TrapoModule(L.LightningModule):
                 "the data's answers match its solutions' final \\boxed{} and the reward's timeout_s."
             )
 
-    def _optimize(self, batch: TrainBatch, timer: PhaseTimer) -> tuple[list[TrapoLoss], float, float | None]:
-        """One optimizer step over the whole batch in micro-batches. Returns the per-micro-batch losses, the grad
-        norm, and the mean |logp_rollout - logp_train| over policy tokens (None when the rollout temperature is
-        not 1, where the sampler's log-probs are of a different distribution)."""
+    def _optimize(
+        self, samples: list[Sample], advantages: torch.Tensor, timer: PhaseTimer
+    ) -> tuple[list[TrapoLoss], float, float | None, float]:
+        """One optimizer step over the step's samples in micro-batches. Returns the per-micro-batch losses, the grad
+        norm, the mean |logp_rollout - logp_train| over policy tokens (None without policy tokens; both are at the
+        rollout temperature), and the padding efficiency: real tokens / tokens through the forward."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        totals = dict(num_sequences=batch.input_ids.shape[0],
-                      num_loss_tokens=int((batch.expert_mask | batch.policy_mask).sum()))
+        carriers = step_prefix_carriers(samples)  # [N], decided over the whole step
+        totals = dict(
+            num_sequences=len(samples),
+            num_loss_tokens=sum(
+                len(s.response_ids) - (0 if carries else s.prefix_len) for s, carries in zip(samples, carriers.tolist())
+            ),
+        )
+        prompt_lengths = [len(s.prompt_ids) for s in samples]
+        response_lengths = [len(s.response_ids) for s in samples]
+        plan = micro_batches(prompt_lengths, response_lengths, self.micro_batch_size, self.max_tokens_per_micro_batch)
         losses = []
-        gap, gap_tokens = 0.0, 0
-        for chunk in batch.chunks(self.micro_batch_size):
+        gap, gap_tokens, forwarded = 0.0, 0, 0
+        for rows in plan:
+            chunk = build_train_batch(
+                [samples[i] for i in rows], advantages[rows], self.tokenizer.pad_token_id, carriers[rows]
+            ).to(self.device)
+            forwarded += padded_tokens([prompt_lengths[i] for i in rows], [response_lengths[i] for i in rows])
             with timer.phase("forward"):
                 logp, entropy = self._policy_logprobs(chunk)
                 ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
@@ -333,8 +393,9 @@ class TrapoModule(L.LightningModule):
         if action is not StepAction.step:
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
-        mismatch = gap / gap_tokens if gap_tokens and self.train_sampling.temperature == 1.0 else None
-        return losses, grad_norm, mismatch
+        mismatch = gap / gap_tokens if gap_tokens else None
+        real_tokens = sum(prompt_lengths) + sum(response_lengths)
+        return losses, grad_norm, mismatch, real_tokens / forwarded
 
     def _report_nonfinite(self, action: StepAction, loss: float, grad_norm: float) -> None:
         where = f"training batch {self.train_batches - 1} (optimizer step {self.global_step})"
@@ -358,15 +419,23 @@ class TrapoModule(L.LightningModule):
         folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
         return os.path.join(folder, f"nonfinite-stop-step{self.global_step}.ckpt")
 
-    def _forward_logits(self, model: torch.nn.Module, chunk: TrainBatch) -> torch.Tensor:
-        return response_logits(model, chunk, self.share_prompt_forward)  # [b, T, V]: j predicts response token j
+    def _scores(self, model: torch.nn.Module, chunk: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[b, T]` log-probs and entropies of the response tokens, at the rollout temperature (what was sampled)."""
+        return response_logprobs(
+            model, chunk, self.train_sampling.temperature, self.logprob_chunk_tokens, self.share_prompt_forward
+        )
 
     def _policy_logprobs(self, chunk: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs_and_entropy(self._forward_logits(self.policy, chunk), chunk.targets)
+        return self._scores(self.policy, chunk)
 
     @torch.no_grad()
     def _reference_logprobs(self, chunk: TrainBatch) -> torch.Tensor:
-        return token_logprobs(self._forward_logits(self.reference, chunk), chunk.targets)
+        if self.reference is None:
+            raise RuntimeError(
+                f"kl_coef is {self.kl_coef} but no reference model was loaded: it is loaded only when model.kl_coef "
+                "is non-zero at start or a callback declares that it writes kl_coef (e.g. AdaptiveKL)"
+            )
+        return self._scores(self.reference, chunk)[0]
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
