@@ -49,14 +49,16 @@ def test_paragraph_before_looks_back_within_its_window():
     assert prefix_end(20, BREAKS, 0.25, BACK) == 9
 
 
-def test_paragraph_before_or_line_takes_a_line_break_forward_when_no_paragraph_is_near():
+def test_paragraph_before_or_line_takes_the_nearest_line_break_when_no_paragraph_is_near():
     # paragraphs after tokens 3 and 16, line ends after tokens 3, 11 and 16
     sparse = TokenBreaks(paragraph=(4, 17), line=(4, 12, 17))
     # ratio 0.5: t = 10; forward paragraph token 16 is not < 16; back to 8 finds no paragraph token in [8, 10]
     assert prefix_end(20, sparse, 0.5) == 10
     assert prefix_end(20, sparse, 0.5, BACK) == 10
-    # then the first line-break token after 10 and before 16: token 11 -> 12
+    # then a line-break token in [8, 10] (none), then the first one after 10 and before 16: token 11 -> 12
     assert prefix_end(20, sparse, 0.5, BACK_OR_LINE) == 12
+    # a line-break token 9 in [8, 10] comes first, though token 11 lies nearer after -> 10
+    assert prefix_end(20, TokenBreaks(paragraph=(4, 17), line=(4, 10, 12, 17)), 0.5, BACK_OR_LINE) == 10
     # a wider look back (10 - 20 * 0.35 = 3) reaches the paragraph token 3 first -> 4
     assert prefix_end(20, sparse, 0.5, PrefixCut(fallback="paragraph_before_or_line", look_back=0.35)) == 4
     # without any break the token boundary remains: ratio 0.95 -> t = 19; back to 17 misses token 16
@@ -164,7 +166,7 @@ def test_the_cut_snaps_just_after_a_blank_line_in_both_kinds(make, expected, tex
         # Qwen-style, ratio 0.56: t = int(52 * 0.56) = 29, window end 52 * 0.86 = 44.72, no break token after 29
         (qwen_style, PrefixCut(), 29, "So the an"),  # the token boundary, inside "answer"
         (qwen_style, BACK, 29, "So the an"),  # back to 29 - 5.2 = 23.8: break token 23 is just outside
-        (qwen_style, BACK_OR_LINE, 40, "is 12."),  # the sentence end "12." at token 39 (< 44.72) -> 40
+        (qwen_style, BACK_OR_LINE, 40, "is 12."),  # no line end in [23.8, 29]; "12." ends token 39 (< 44.72) -> 40
         # GPT-2-style: t = int(56 * 0.56) = 31, window end 48.16, no break token after 31
         (gpt2_style, PrefixCut(), 31, "So the "),
         (gpt2_style, BACK, 28, "is 7.\n\n"),  # back to 31 - 5.6 = 25.4: break token 27 -> 28
