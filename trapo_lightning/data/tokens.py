@@ -2,10 +2,10 @@
 
 The stream needs each record's lengths before it streams, to skip the over-long ones and to say up front how many
 there are, and the ids of the ones it keeps. One pass tokenizes the split in batches (a fast tokenizer spreads a
-batch over the cores) and keeps the ids packed, 4 bytes a token, so nothing is tokenized twice and a resumed
-stream fast-forwards without tokenizing. Cost at the paper's scale (docs/prefix_cuts.md): OpenR1-Math-46k at ~4k
-tokens a solution is ~190M tokens, ~0.75 GB per rank, tokenized at ~0.8M tokens/s on 2 cores here (~4 min),
-proportionally less with more cores.
+batch over the cores) and keeps the ids packed, 4 bytes a token, so nothing is tokenized twice, a step's batch
+costs no tokenizing, and a resumed stream fast-forwards without tokenizing. Cost at the paper's scale
+(docs/prefix_cuts.md): 46k rows of ~4k-token solutions are ~0.77 GB of ids per rank and ~320 CPU-seconds of
+tokenizing (0.6M tokens per CPU-second measured), spread over the cores.
 
 One tokenization rule for every length check and for what the policy sees: text is tokenized without special
 tokens (`add_special_tokens=False`). A prompt is the chat template's text as is (the template writes its own
@@ -73,4 +73,4 @@ class TokenizedSplit:
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
