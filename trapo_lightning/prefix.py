@@ -54,7 +54,7 @@ class PrefixCut:
     """Where to cut without a paragraph break in the snap window (default: the token boundary, as the authors)."""
     look_back: float = 0.1
     """How far before `int(len * ratio)`, as a fraction of the solution's tokens, the `paragraph_before` fallbacks
-    look for a paragraph break."""
+    look for a paragraph break (and `paragraph_before_or_line` then for a line or sentence end)."""
 
     def __post_init__(self) -> None:
         if self.snap_window < 0.0 or self.look_back < 0.0:
