@@ -3,11 +3,13 @@
 All runs use the tiny policy's real tokenizer, so the prompt ids checked here are the ones the rollout sees.
 """
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bpe_tokenizers import gpt2_style
 from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.data.prompts import PromptTemplate
 from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord
@@ -100,6 +102,56 @@ def test_over_long_solution_is_skipped_and_counted(tiny_tokenizer):
     batches = list(stream(records, tiny_tokenizer, max_response_tokens=limit, shuffle=False))
     assert sources_of(batches) == ["a", "c"]
     assert [b.skipped for b in batches] == [{}, {"solution_too_long": 1}]
+
+
+def test_one_length_rule_without_special_tokens_for_a_tokenizer_that_adds_bos():
+    """The response is the solution's ids + EOS, never a BOS: a solution of n ids fits a limit of n + 1."""
+    tokenizer = gpt2_style(bos=True)
+    fits, over = "So the sum is 5.\n\nSo the end.", "So the sum is 5.\n\nSo the end!!"
+    n = len(tokenizer(fits, add_special_tokens=False)["input_ids"])
+    assert tokenizer(fits)["input_ids"][0] == tokenizer.bos_token_id  # n + 1 ids with special tokens
+    prompt = PromptTemplate().token_ids(tokenizer, "Compute 1 + 1.")
+    records = [MathRecord("Compute 1 + 1.", text, "2", source=name) for name, text in (("over", over), ("fits", fits))]
+    data = stream(records, tokenizer, max_prompt_tokens=len(prompt), max_response_tokens=n + 1, shuffle=False)
+    (batch,) = list(data)
+    (record,) = batch.records
+    assert record.source == "fits" and batch.skipped == {"solution_too_long": 1}  # "over" has n + 2 ids, + EOS
+    assert record.prompt_ids == prompt and tokenizer.bos_token_id not in prompt  # the ids the rollout is sent
+    assert record.solution_ids == tuple(tokenizer(fits, add_special_tokens=False)["input_ids"])
+    assert tokenizer.decode(record.solution_ids) == fits
+
+
+def test_too_long_records_are_known_before_streaming_and_summarised(tiny_tokenizer):
+    short, long = "1 + 1 = 2\n\n\\boxed{2}", "1 + 1 = 2\n\n2 + 1 = 3\n\n\\boxed{3}"
+    limit = len(tiny_tokenizer(short, add_special_tokens=False)["input_ids"]) + 1
+    records = [MathRecord("Compute 1 + 1.", text, "2", source=str(i)) for i, text in enumerate([short, long, long])]
+    records.append(MathRecord("Compute " + "1 + " * 300 + "1.", short, "2", source="long prompt"))
+    data = stream(records, tiny_tokenizer, max_prompt_tokens=200, max_response_tokens=limit)
+    assert data.skip_reasons == [None, "solution_too_long", "solution_too_long", "prompt_too_long"]
+    assert data.summary("train", {"empty_solution": 1}) == (
+        "train data: 5 rows read, 1 kept; 1 malformed skipped (empty_solution: 1); 3 too long skipped "
+        f"(prompt_too_long: 1, solution_too_long: 2; limits: prompt 200 tokens, solution + EOS {limit})"
+    )
+    assert data.skipped == {}  # the per-step counts still grow as the stream meets the records
+    list(data)
+    assert data.skipped == {"solution_too_long": 2, "prompt_too_long": 1}
+
+
+def test_setup_prints_what_each_split_kept_and_skipped(tiny_policy_dir, write_jsonl, caplog):
+    long_solution = "1 + 1 = 2\n\n" * 40 + "\\boxed{2}"
+    rows = [row(0), row(1), dict(row(2), solution=long_solution), "{oops", row(3)]
+    train = write_jsonl("train.jsonl", rows)
+    data = TrapoDataModule(
+        tiny_policy_dir, JsonlSource([train], val_files=[train], skip_invalid=True), prompts_per_step=1,
+        max_response_tokens=64,
+    )
+    with pytest.warns(UserWarning, match="skipped malformed rows"), caplog.at_level(logging.INFO):
+        data.setup("fit")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning")] == [
+        "train data: 5 rows read, 3 kept; 1 malformed skipped (undecodable: 1); 1 too long skipped "
+        "(solution_too_long: 1; limits: prompt 1024 tokens, solution + EOS 64)",
+        "val data: 5 rows read, 4 kept; 1 malformed skipped (undecodable: 1)",  # a benchmark needs no solution
+    ]
 
 
 def test_rank_shards_are_disjoint_equal_and_cover(tiny_tokenizer):

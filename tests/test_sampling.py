@@ -14,12 +14,12 @@ from trapo_lightning.reward import Verdict
 from trapo_lightning.rollout.base import RolloutRequest, SamplingParams
 from trapo_lightning.sampling import ExpertPrefixer, decided_micro_groups, sample_micro_groups
 
-# 44 characters; paragraph breaks at 9-10, 20-21 and 32-33.
-SOLUTION = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n\\boxed{12}"
-# ratio 0.25: raw cut int(44 * 0.25) = 11; first "\n\n" in [11, int(44 * 0.55) = 24) is at 20 -> cut 22.
-PREFIX_25 = "1 + 2 = 3\n\n3 + 4 = 7\n\n"
-# ratio 0.5: raw cut 22; first "\n\n" in [22, int(44 * 0.8) = 35) is at 32 -> cut 34.
-PREFIX_50 = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n"
+# The tiny tokenizer writes each "\n\n" as one token: 44 tokens, paragraph breaks ending at tokens 8, 17, 27, 38.
+SOLUTION = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n12 + 6 = 18\n\n\\boxed{18}"
+# ratio 0.25: t = int(44 * 0.25) = 11; first break token after 11 and before 44 * 0.55 = 24.2 is 17 -> 18 tokens.
+PREFIX_25, PREFIX_25_TOKENS = "1 + 2 = 3\n\n3 + 4 = 7\n\n", 18
+# ratio 0.5: t = 22; first break token after 22 and before 44 * 0.8 = 35.2 is 27 -> 28 tokens.
+PREFIX_50, PREFIX_50_TOKENS = "1 + 2 = 3\n\n3 + 4 = 7\n\n7 + 5 = 12\n\n", 28
 MAX_RESPONSE_TOKENS = 64
 
 # Rewards per prompt (keyed by its answer) and micro-group; the comments follow the rule "guide micro-group i
@@ -59,9 +59,16 @@ def continuation(tokenizer) -> tuple[int, ...]:
 
 
 def make_records(tokenizer) -> list[PromptRecord]:
+    solution_ids = ids(tokenizer, SOLUTION)
     return [
-        PromptRecord(ids(tokenizer, f"Problem {name}?"), f"Problem {name}?", SOLUTION, name) for name in SCRIPT
+        PromptRecord(ids(tokenizer, f"Problem {name}?"), f"Problem {name}?", SOLUTION, name, name, solution_ids)
+        for name in SCRIPT
     ]
+
+
+def expert_prefix(tokenizer, tokens: int) -> tuple[int, ...]:
+    """The first `tokens` ids of the tokenized solution: an expert prefix is always a prefix of them."""
+    return ids(tokenizer, SOLUTION)[:tokens]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +109,7 @@ def test_rewards_and_verdicts_come_from_the_grader_in_sample_order(scenario):
 def test_guided_samples_start_with_the_paragraph_snapped_expert_prefix(scenario, tokenizer):
     _, _, _, samples = scenario
     generated = continuation(tokenizer)
-    prefixes = {0.25: ids(tokenizer, PREFIX_25), 0.5: ids(tokenizer, PREFIX_50)}
+    prefixes = {0.25: expert_prefix(tokenizer, PREFIX_25_TOKENS), 0.5: expert_prefix(tokenizer, PREFIX_50_TOKENS)}
     checked = 0
     for row in samples:
         for s in row:
@@ -148,7 +155,7 @@ def test_engine_requests_carry_prompt_plus_prefix_and_the_remaining_budget(scena
     assert [len(call) for call in engine.calls] == [16, 10, 2, 1]
     assert [len(call) for call in grader.calls] == [16, 12, 3, 1]
     prompt = {r.answer: r.prompt_ids for r in records}
-    p25, p50 = ids(tokenizer, PREFIX_25), ids(tokenizer, PREFIX_50)
+    p25, p50 = expert_prefix(tokenizer, PREFIX_25_TOKENS), expert_prefix(tokenizer, PREFIX_50_TOKENS)
     assert engine.calls[1] == [
         RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
         RolloutRequest(prompt["p0"], MAX_RESPONSE_TOKENS),
@@ -181,7 +188,7 @@ def test_decided_micro_groups_follow_the_bounds_of_the_mean():
 
 def test_a_continuation_cut_by_the_budget_is_not_finished(tokenizer):
     # The 0.25 prefix leaves room for exactly the two digits, not for the EOS.
-    budget = len(ids(tokenizer, PREFIX_25)) + 2
+    budget = PREFIX_25_TOKENS + 2
     records = make_records(tokenizer)[1:2]
     engine = ScriptedEngine(continuation(tokenizer))
     engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -190,7 +197,7 @@ def test_a_continuation_cut_by_the_budget_is_not_finished(tokenizer):
         records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer), SamplingParams(), budget
     )
     guided = [s for s in row if s.prefix_ratio == 0.25]
-    assert [s.response_ids for s in guided] == [ids(tokenizer, PREFIX_25) + ids(tokenizer, "42")] * 2
+    assert [s.response_ids for s in guided] == [expert_prefix(tokenizer, PREFIX_25_TOKENS) + ids(tokenizer, "42")] * 2
     assert not any(s.finished for s in guided)
     assert all(s.finished for s in row[:4])  # unguided: "42" + EOS fits
 
@@ -199,11 +206,12 @@ def test_expert_prefixer_cuts_on_paragraphs_and_ends_the_full_solution_with_eos(
     prefixer = ExpertPrefixer(tokenizer)
     record = make_records(tokenizer)[0]
     assert prefixer(record, 0.0) == ()
-    assert prefixer(record, 0.25) == ids(tokenizer, PREFIX_25)
-    assert prefixer(record, 0.5) == ids(tokenizer, PREFIX_50)
+    assert prefixer(record, 0.25) == expert_prefix(tokenizer, PREFIX_25_TOKENS)
+    assert prefixer(record, 0.5) == expert_prefix(tokenizer, PREFIX_50_TOKENS)
     full = prefixer(record, 1.0)
     assert full[-1] == tokenizer.eos_token_id
     assert full == ids(tokenizer, SOLUTION) + (tokenizer.eos_token_id,)
-    # the prefix is cut on the text, then tokenized: it decodes back to exactly the snapped text
+    # the prefix is cut from the solution's ids at a paragraph break: it decodes to the snapped text
     assert tokenizer.decode(prefixer(record, 0.25)) == PREFIX_25
+    assert tokenizer.decode(prefixer(record, 0.5)) == PREFIX_50
     assert tokenizer.decode(full, skip_special_tokens=True) == SOLUTION

@@ -42,6 +42,7 @@ from trapo_lightning.reward import MathVerifyReward, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams, check_rollout_version
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
+from trapo_lightning.prefix import PrefixCut
 from trapo_lightning.sampling import ExpertPrefixer, Sample, sample_micro_groups
 from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
 from trapo_lightning.timing import PhaseTimer
@@ -65,6 +66,7 @@ class TrapoModule(L.LightningModule):
         policy: PolicySource,
         rollout: RolloutEngine | None = None,
         guidance: GuidanceRule | None = None,
+        prefix_cut: PrefixCut | None = None,
         reward: MathVerifyReward | None = None,
         optimizer: OptimizerCallable = paper_adamw,
         lr_scheduler: SchedulerCallable | None = None,
@@ -100,6 +102,10 @@ class TrapoModule(L.LightningModule):
                 reference model is loaded from the same folder.
             rollout: Engine that samples continuations (default: transformers `generate` on the policy).
             guidance: When and how much of the expert solution to prefix (default: the paper's micro-groups).
+            prefix_cut: Where the expert prefix ends, in tokens of the solution: snapped forward to a paragraph
+                break within `snap_window` (0.3 of the solution, as the authors); without one at the token
+                boundary `int(len * ratio)` (`fallback: token`, the authors' rule), or first looking back for a
+                paragraph break (`paragraph_before`), then a line or sentence end (`paragraph_before_or_line`).
             reward: Grades a completion against the reference answer (default: math-verify on the last \\boxed{}).
             optimizer: Callable from parameters to an optimizer (default: AdamW, constant lr 5e-6 as in the paper).
             lr_scheduler: Callable from the optimizer to an LR scheduler, stepped once per optimizer step (default:
@@ -170,6 +176,7 @@ class TrapoModule(L.LightningModule):
         self.policy_source = policy
         self.rollout = rollout or HFGenerateEngine()
         self.guidance = guidance or MicroGroupGuidance()
+        self.prefix_cut = prefix_cut or PrefixCut()
         self.reward = reward or MathVerifyReward()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -228,7 +235,7 @@ class TrapoModule(L.LightningModule):
             if self.rollout.weights_version is None:  # samples the policy itself: gather it around each rollout
                 self.rollout = GatheredRollout(self.rollout)
         self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        self.prefixer = ExpertPrefixer(self.tokenizer)
+        self.prefixer = ExpertPrefixer(self.tokenizer, self.prefix_cut)
 
     def _load_model(self) -> torch.nn.Module:
         """The policy folder's model: whole on this process, or under FSDP2 only this rank's shards of it."""

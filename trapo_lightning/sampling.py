@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trapo_lightning.data.records import PromptRecord
 from trapo_lightning.guidance import GuidanceRule
-from trapo_lightning.prefix import prefix_cut
+from trapo_lightning.prefix import PrefixCut, TokenBreaks, prefix_end, token_breaks
 from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
 from trapo_lightning.seeding import derive_seed
@@ -53,17 +53,27 @@ class Sample:
 
 
 class ExpertPrefixer:
-    """Token ids of a record's expert prefix at a given ratio, cut on the solution text (paragraph-snapped)."""
+    """Token ids of a record's expert prefix at a given ratio: always a prefix of the solution's own ids
+    (`PromptRecord.solution_ids`), cut in token space and snapped to a paragraph break (`prefix_end`)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cut: PrefixCut | None = None) -> None:
         self.tokenizer = tokenizer
+        self.cut = cut or PrefixCut()
+        # Each vocabulary entry's text, decoded once (~1 s for Qwen's 152k entries, 8 MB): looking up a 6k-token
+        # solution's texts takes 0.1 ms, where decoding them token by token in one batch call takes 10 ms.
+        self._pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
 
     def __call__(self, record: PromptRecord, ratio: float) -> tuple[int, ...]:
+        ids = record.solution_ids
         if ratio <= 0.0:
             return ()
-        text = record.solution[: prefix_cut(record.solution, ratio)]
-        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids + (self.tokenizer.eos_token_id,) if ratio >= 1.0 else ids
+        if ratio >= 1.0:
+            return ids + (self.tokenizer.eos_token_id,)
+        return ids[: prefix_end(len(ids), self.breaks(ids), ratio, self.cut)]
+
+    def breaks(self, solution_ids: Sequence[int]) -> TokenBreaks:
+        """The paragraph and line breaks of a solution, from the text of each of its tokens."""
+        return token_breaks([self._pieces[i] for i in solution_ids])
 
 
 def sample_micro_groups(

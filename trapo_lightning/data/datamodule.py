@@ -12,7 +12,7 @@ import re
 from collections import Counter
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from trapo_lightning.data.prompts import PromptTemplate
@@ -99,6 +99,7 @@ class TrapoDataModule(L.LightningDataModule):
                 shuffle=train, drop_last=train, seed=self.seed, rank=rank, world_size=world,
             )
             stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
+            rank_zero_info(stream.summary(name, skipped))
             self.streams[name] = stream
         if self._resume_position is not None:
             self.streams["train"].resume_from(self._resume_position)

@@ -21,8 +21,12 @@ class PromptTemplate:
         if "{problem}" not in self.user:
             raise ValueError(f"prompt user template must contain '{{problem}}', got {self.user!r}")
 
-    def token_ids(self, tokenizer: PreTrainedTokenizerBase, problem: str) -> tuple[int, ...]:
+    def text(self, tokenizer: PreTrainedTokenizerBase, problem: str) -> str:
+        """The prompt as text: the chat template applied, generation prompt appended."""
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         messages.append({"role": "user", "content": self.user.format(problem=problem)})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def token_ids(self, tokenizer: PreTrainedTokenizerBase, problem: str) -> tuple[int, ...]:
+        """The prompt's ids: its text tokenized as is, the template's own special tokens and nothing added."""
+        return tuple(tokenizer(self.text(tokenizer, problem), add_special_tokens=False)["input_ids"])

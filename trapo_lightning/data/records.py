@@ -1,7 +1,8 @@
 """Typed records that flow from the data sources to the training step.
 
 A source yields `MathRecord`s (text only). The stream turns each into a `PromptRecord` by applying the prompt
-template through the tokenizer's chat template (TRAPO.md, "Settings": the paper's system and user prompt), and a
+template through the tokenizer's chat template (TRAPO.md, "Settings": the paper's system and user prompt) and
+carrying the expert solution's token ids, which the expert prefix is cut from (`trapo_lightning/prefix.py`), and a
 `PromptBatch` carries the prompts of one optimizer step together with the stream's running skip counts, so the
 module can log what the data layer dropped without reaching back into it.
 """
@@ -24,13 +25,20 @@ class MathRecord:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A record with its prompt already tokenized (chat template applied, generation prompt appended)."""
+    """A record with its prompt already tokenized (chat template applied, generation prompt appended) and its
+    expert solution's token ids."""
 
     prompt_ids: tuple[int, ...]
     problem: str
     solution: str
     answer: str
     source: str = ""
+    solution_ids: tuple[int, ...] = ()
+    """The solution tokenized once without special tokens; every expert prefix is a prefix of these ids."""
+
+    def __post_init__(self) -> None:
+        if self.solution and not self.solution_ids:  # else a guided rollout would silently start from nothing
+            raise ValueError(f"record {self.source or self.problem[:40]!r} has a solution but no solution_ids")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 The stream does the batching itself and yields whole `PromptBatch`es: a prompt whose tokens exceed the maximum
 prompt length, or whose expert solution (+EOS) exceeds the maximum response length, is skipped and counted here,
-and the running counts travel with every batch to the module's logs. Each epoch reshuffles with (seed, epoch);
-every rank sees the same permutation and takes its own slice, trimmed to equal size so no rank waits on another.
+and the running counts travel with every batch to the module's logs. The split is tokenized once, up front
+(`TokenizedSplit`), so which records are too long is known before streaming and `summary` says so at setup. Each
+epoch reshuffles with (seed, epoch); every rank sees the same permutation and takes its own slice, trimmed to equal
+size so no rank waits on another.
 
 Resume: every batch carries the position just after it (epoch, batches into the epoch, skip counts). Ranks
 consume batches in lockstep, so the batch count is the same on every rank even where their skips differ; a
-resumed stream replays its epoch's permutation and fast-forwards that many batches without counting skips again.
+resumed stream replays its epoch's permutation and fast-forwards that many batches without counting skips again
+(and without tokenizing anything: the ids are already there).
 A position at the very end of an epoch continues with the next epoch's first batch (never an empty epoch).
 """
 
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from trapo_lightning.data.prompts import PromptTemplate
 from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord, StreamPosition
+from trapo_lightning.data.tokens import TokenizedSplit
 
 
 class PromptStream(IterableDataset):
@@ -39,9 +43,7 @@ class PromptStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.records = list(records)
-        self.tokenizer = tokenizer
-        self.template = template
+        self.tokens = TokenizedSplit(records, tokenizer, template)
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
@@ -53,6 +55,29 @@ class PromptStream(IterableDataset):
         self.epoch = 0
         self.skipped: Counter = Counter()
         self._resume: StreamPosition | None = None
+        self.skip_reasons = [self._too_long(index) for index in range(len(self.tokens))]  # skip reason, or None
+
+    def _too_long(self, index: int) -> str | None:
+        if self.tokens.prompts.length(index) > self.max_prompt_tokens:
+            return "prompt_too_long"
+        # + EOS; a record without a solution has 0 ids and is never too long
+        if self.tokens.solutions.length(index) + 1 > self.max_response_tokens:
+            return "solution_too_long"
+        return None
+
+    def summary(self, split: str, malformed: Mapping[str, int]) -> str:
+        """What the data layer kept of `split` and what it skipped, by reason, over all ranks and one epoch."""
+        too_long = Counter(reason for reason in self.skip_reasons if reason)
+        read, kept = len(self.tokens) + sum(malformed.values()), len(self.tokens) - sum(too_long.values())
+        parts = [f"{split} data: {read} rows read, {kept} kept"]
+        if malformed:
+            parts.append(f"{sum(malformed.values())} malformed skipped ({_by_reason(malformed)})")
+        if too_long:
+            parts.append(
+                f"{sum(too_long.values())} too long skipped ({_by_reason(too_long)}; limits: prompt "
+                f"{self.max_prompt_tokens} tokens, solution + EOS {self.max_response_tokens})"
+            )
+        return "; ".join(parts)
 
     def resume_from(self, position: StreamPosition) -> None:
         """Make the next iteration start just after the batch that carried `position`."""
@@ -78,24 +103,25 @@ class PromptStream(IterableDataset):
                 yield PromptBatch(batch, dict(self.skipped), StreamPosition(epoch, number, dict(self.skipped)))
         if number == 0:  # Lightning would start empty epochs forever: a hang, not an error
             raise ValueError(
-                f"rank {self.rank}'s share of {len(self.records)} records gave no batch of {self.batch_size} prompts "
+                f"rank {self.rank}'s share of {len(self.tokens)} records gave no batch of {self.batch_size} prompts "
                 f"(skipped so far: {dict(self.skipped)}); raise model.max_prompt_tokens / max_response_tokens or "
                 "add data"
             )
 
     def _batches(self, epoch: int, fast_forward: int) -> Iterator[list[PromptRecord]]:
         """This rank's batches of `epoch`; skips are counted only past the first `fast_forward` batches."""
-        order = list(range(len(self.records)))
+        order = list(range(len(self.tokens)))
         if self.shuffle:
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
         per_rank = len(order) // self.world_size
         batch: list[PromptRecord] = []
         made = 0
         for index in order[self.rank * per_rank : (self.rank + 1) * per_rank]:
-            prompt = self._prompt(self.records[index], count_skips=made >= fast_forward)
-            if prompt is None:
+            reason = self.skip_reasons[index]
+            if reason is not None:
+                self.skipped[reason] += made >= fast_forward
                 continue
-            batch.append(prompt)
+            batch.append(self.tokens.prompt_record(index))
             if len(batch) == self.batch_size:
                 made += 1
                 yield batch
@@ -103,12 +129,6 @@ class PromptStream(IterableDataset):
         if batch and not self.drop_last:
             yield batch
 
-    def _prompt(self, record: MathRecord, count_skips: bool = True) -> PromptRecord | None:
-        prompt_ids = self.template.token_ids(self.tokenizer, record.problem)
-        if len(prompt_ids) > self.max_prompt_tokens:
-            self.skipped["prompt_too_long"] += count_skips
-            return None
-        if record.solution and len(self.tokenizer(record.solution)["input_ids"]) + 1 > self.max_response_tokens:
-            self.skipped["solution_too_long"] += count_skips
-            return None
-        return PromptRecord(prompt_ids, record.problem, record.solution, record.answer, record.source)
+
+def _by_reason(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.items()))
