@@ -1,5 +1,5 @@
 """Trust-region and KL tuning as callbacks (TRAPO.md, "Losses"). Each writes one module attribute before every
-training step, `pl_module.trust_region_alpha` or `pl_module.kl_coef`, from a pure update rule in
+training step, `pl_module.loss.trust_region_alpha` or `pl_module.loss.kl_coef`, from a pure update rule in
 `trapo_lightning.schedules`; the measured inputs are averaged over ranks first, so every rank holds the same value,
 and the state is saved in checkpoints so a resume continues the same trajectory.
 
@@ -27,7 +27,7 @@ def _measured(outputs, key: str) -> float | None:
 
 
 class AlphaSchedule(L.Callback):
-    writes = ("trust_region_alpha",)
+    writes = ("loss.trust_region_alpha",)
 
     def __init__(self, start: float = 0.1, end: float = 0.1, steps: int = 1000, shape: ScheduleShape = "constant"):
         """
@@ -47,12 +47,12 @@ class AlphaSchedule(L.Callback):
         return scheduled_value(step, self.start, self.end, self.steps, self.shape)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        pl_module.trust_region_alpha = self.alpha(trainer.global_step)
-        pl_module.log("trust_region/alpha", pl_module.trust_region_alpha, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.loss.trust_region_alpha = self.alpha(trainer.global_step)
+        pl_module.log("trust_region/alpha", pl_module.loss.trust_region_alpha, on_step=True, on_epoch=False, batch_size=1)
 
 
 class AdaptiveAlpha(L.Callback):
-    writes = ("trust_region_alpha",)
+    writes = ("loss.trust_region_alpha",)
 
     def __init__(
         self, target_outside: float = 0.1, initial: float = 0.1, gain: float = 1.0, low: float = 1e-3,
@@ -76,7 +76,7 @@ class AdaptiveAlpha(L.Callback):
         self.alpha = initial
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        pl_module.trust_region_alpha = self.alpha
+        pl_module.loss.trust_region_alpha = self.alpha
         pl_module.log("trust_region/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
@@ -96,7 +96,7 @@ class AdaptiveAlpha(L.Callback):
 
 
 class AdaptiveKL(L.Callback):
-    writes = ("kl_coef",)  # the module loads its reference model because of it
+    writes = ("loss.kl_coef",)  # the module loads its reference model because of it
 
     def __init__(self, target: float = 0.01, initial: float = 0.05, horizon: float = 100.0) -> None:
         """
@@ -111,7 +111,7 @@ class AdaptiveKL(L.Callback):
         self.coef = initial
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        pl_module.kl_coef = self.coef
+        pl_module.loss.kl_coef = self.coef
         pl_module.log("kl/coef", self.coef, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):

@@ -105,7 +105,15 @@ def test_fit_help_shows_the_argument_docstrings(in_tmp, capsys):
         build_cli(["fit", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--model.trust_region_alpha" in text
-    assert "TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1)" in text
+    assert "--model.loss" in text
+    assert "Most sequences per forward/backward micro-batch within one optimizer step" in text
     assert "--data.prompts_per_step" in text
     assert "Prompts per optimizer step on each rank" in text
+
+
+def test_the_loss_settings_are_documented_under_model_loss(in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--model.loss.help", "trapo_lightning.losses.TrapoLoss"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1)" in text

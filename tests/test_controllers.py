@@ -19,8 +19,8 @@ class Watch(L.Callback):
         self.alpha, self.kl_coef, self.metrics = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.alpha.append(pl_module.trust_region_alpha)
-        self.kl_coef.append(pl_module.kl_coef)
+        self.alpha.append(pl_module.loss.trust_region_alpha)
+        self.kl_coef.append(pl_module.loss.kl_coef)
         self.metrics.append(outputs["metrics"])
 
 

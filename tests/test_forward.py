@@ -121,7 +121,7 @@ def tiny_like(model):
 
 def test_response_logprobs_uses_the_plain_forward_when_no_prompt_repeats(model):
     batch = groups_batch(shuffle=False)
-    one_per_prompt = type(batch)(*(t[[0, 3]] for t in batch))
+    one_per_prompt = type(batch)(*(None if t is None else t[[0, 3]] for t in batch))
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():

@@ -75,7 +75,7 @@ def write_config(folder: Path, policy_dir: Path, world_size: int, max_steps: int
     config = yaml.safe_load(TINY.read_text())
     config["model"]["policy"]["init_args"]["path"] = str(policy_dir)  # written before launch: no rank races for it
     config["model"]["rollout"] = {"class_path": "helpers.ScriptedEngine", "init_args": {"token_ids": continuation}}
-    config["model"]["kl_coef"] = 0.05
+    config["model"]["loss"] = {"class_path": "trapo_lightning.losses.TrapoLoss", "init_args": {"kl_coef": 0.05}}
     config["data"]["source"]["init_args"]["train_size"] = 4
     config["data"]["prompts_per_step"] = 4 // world_size
     config["trainer"].update(devices=world_size, max_steps=max_steps, limit_val_batches=0, logger=False)

@@ -10,7 +10,7 @@ from trapo_lightning.losses import (
     LossNormalizer,
     PolicyLoss,
     SFTLoss,
-    TrapoLoss,
+    LossTerms,
     clipped_policy_gradient,
     kl_penalty,
     luffy_shaped_sft,
@@ -170,7 +170,7 @@ def test_trapo_loss_by_hand(normalizer, num):
         logp, old_logp, entropy, advantages, expert_mask, policy_mask,
         ref_logp=ref_logp, kl_coef=0.1, normalizer=normalizer, max_response_tokens=5,
     )  # fmt: skip
-    assert isinstance(out, TrapoLoss)
+    assert isinstance(out, LossTerms)
     # constant:   (0.193147 + 0.75 + 0.1 * 0.306853) / 10 - 0.001 * 3 = 0.0973832 - 0.003 = 0.0943832
     # token_mean: 0.9738325 / 5 - 0.003 = 0.1947665 - 0.003 = 0.1917665
     expected_loss = (SFT_SUM + POLICY_SUM + 0.1 * KL_SUM) / num - 0.001 * ENTROPY_MEAN
@@ -236,9 +236,9 @@ def test_trapo_loss_without_loss_tokens():
     logp, old_logp, entropy, advantages, _, _, _ = _hand_batch()
     none = torch.zeros(2, 3, dtype=torch.bool)
     out = trapo_loss(logp, old_logp, entropy, advantages, none, none, normalizer="token_mean")
-    # every sum is 0, N = max(0, 1) = 1, entropy mean 0, fractions 0
-    for value in out:
-        torch.testing.assert_close(value.detach(), torch.tensor(0.0))
+    # every sum is 0, N = max(0, 1) = 1, entropy mean 0, fractions 0; no correction: importance weights 1
+    for name, value in out._asdict().items():
+        torch.testing.assert_close(value.detach(), torch.tensor(1.0 if name == "rollout_is_mean" else 0.0), msg=name)
     (grad,) = torch.autograd.grad(out.loss, logp)
     torch.testing.assert_close(grad, torch.zeros(2, 3))
 

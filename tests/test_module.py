@@ -14,6 +14,7 @@ from trapo_lightning.batch import build_train_batch
 from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.data.sources import SyntheticSource
 from trapo_lightning.data.synthetic import SyntheticArithmetic
+from trapo_lightning.losses import TrapoLoss
 from trapo_lightning.module import TrapoModule
 from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.sampling import Sample
@@ -33,11 +34,17 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-2)
 
 
+LOSS_SETTINGS = {"kl_coef", "entropy_coef", "normalizer", "trust_region_alpha", "policy", "sft", "clip_eps_low",
+                 "clip_eps_high", "rollout_correction"}
+
+
 def make_module(source, **overrides) -> TrapoModule:
+    """A module on `source`; overrides named like `TrapoLoss` settings go to its `loss`."""
     kwargs = dict(
         policy=source, optimizer=adamw, max_prompt_tokens=MAX_PROMPT_TOKENS, max_response_tokens=MAX_RESPONSE_TOKENS
     )
-    return TrapoModule(**(kwargs | overrides))
+    loss = {k: overrides.pop(k) for k in list(overrides) if k in LOSS_SETTINGS}
+    return TrapoModule(**(kwargs | overrides), loss=TrapoLoss(**loss))
 
 
 def make_data(source) -> TrapoDataModule:
@@ -128,7 +135,7 @@ def test_a_callback_that_tunes_kl_coef_makes_the_module_load_the_reference(sourc
 
     module = make_module(source)
     make_trainer(callbacks=[AdaptiveKL()]).fit(module, datamodule=make_data(source))
-    assert module.reference is not None and module.kl_coef > 0
+    assert module.reference is not None and module.loss.kl_coef > 0
 
 
 def test_one_step_changes_the_policy_and_leaves_the_reference_identical(fitted_with_kl, source):
@@ -200,7 +207,7 @@ def test_micro_batched_step_makes_the_same_update_as_one_full_batch(source, norm
         engine = ScriptedEngine([], logprob=-1.0)
         module = make_module(
             source, rollout=engine, optimizer=sgd, micro_batch_size=micro_batch_size, entropy_coef=0.01,
-            loss_normalizer=normalizer, max_tokens_per_micro_batch=max_tokens,
+            normalizer=normalizer, max_tokens_per_micro_batch=max_tokens,
             activation_checkpointing=checkpointing,
         )
         module.configure_model()

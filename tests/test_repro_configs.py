@@ -29,4 +29,4 @@ def test_method_parses_on_top_of_common(method, tmp_path, monkeypatch):
 def test_base_sft_config_parses(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", str(REPRO / "base_sft.yaml")], run=False)
-    assert cli.model.sft_loss.value == "plain"
+    assert cli.model.loss.sft.value == "plain"

@@ -36,6 +36,7 @@ class TrainBatch(NamedTuple):
     advantages: torch.Tensor  # [N]
     rollout_logp: torch.Tensor  # [N, T] the sampler's log-probs of the policy's own tokens (0 elsewhere)
     prompt_index: torch.Tensor  # [N] long: which prompt of the step the row belongs to (rows of one group share it)
+    old_logp: torch.Tensor | None = None  # [N, T] log pi_old of the policy's own tokens, when not the forward's own
 
     @property
     def response_width(self) -> int:
@@ -46,7 +47,7 @@ class TrainBatch(NamedTuple):
         return self.input_ids.shape[1] - self.response_width
 
     def to(self, device: torch.device) -> TrainBatch:
-        return TrainBatch(*(t.to(device) for t in self))
+        return TrainBatch(*(None if t is None else t.to(device) for t in self))
 
 
 def step_prefix_carriers(samples: Sequence[Sample]) -> torch.Tensor:
@@ -59,12 +60,19 @@ def step_prefix_carriers(samples: Sequence[Sample]) -> torch.Tensor:
 
 
 def build_train_batch(
-    samples: Sequence[Sample], advantages: torch.Tensor, pad_id: int, carries_prefix_loss: torch.Tensor | None = None
+    samples: Sequence[Sample],
+    advantages: torch.Tensor,
+    pad_id: int,
+    carries_prefix_loss: torch.Tensor | None = None,
+    keeps_policy_loss: torch.Tensor | None = None,
+    old_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> TrainBatch:
     """The padded batch of `samples`, with `advantages` `[N]` in the same order.
 
     `carries_prefix_loss` `[N]` says which rows carry their shared prefix's SFT loss; pass the step-wide decision
     (`step_prefix_carriers`) when `samples` are one micro-batch of a step. Default: decided among `samples`.
+    `keeps_policy_loss` `[N]`: rows whose policy tokens carry the RL loss (default all; DAPO's filters drop some).
+    `old_logprobs`: per sample, log pi_old of its policy tokens (default: none, the forward's own are used).
     """
     prompt_width = max(len(s.prompt_ids) for s in samples)
     width = max(1, max(len(s.response_ids) for s in samples))
@@ -80,20 +88,28 @@ def build_train_batch(
     carriers = step_prefix_carriers(samples) if carries_prefix_loss is None else carries_prefix_loss
     prefix_len = torch.tensor([s.prefix_len for s in samples])
     masks = response_masks(prefix_len, torch.tensor([len(s.response_ids) for s in samples]), carriers, width)
-    rollout_logp = torch.zeros((n, width))
-    for row, s in enumerate(samples):
-        rollout_logp[row, s.prefix_len : s.prefix_len + len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
+    policy_mask = masks.policy if keeps_policy_loss is None else masks.policy & keeps_policy_loss[:, None]
+    rollout_logp = _policy_token_values(samples, [s.rollout_logprobs for s in samples], width)
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         targets=input_ids[:, prompt_width:],
         expert_mask=masks.expert,
-        policy_mask=masks.policy,
+        policy_mask=policy_mask,
         advantages=advantages.float(),
         rollout_logp=rollout_logp,
         prompt_index=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
+        old_logp=None if old_logprobs is None else _policy_token_values(samples, old_logprobs, width),
     )
+
+
+def _policy_token_values(samples: Sequence[Sample], values: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    """`[N, width]` float32: each sample's values at its policy tokens (after its prefix), 0 elsewhere."""
+    out = torch.zeros((len(samples), width))
+    for row, (s, row_values) in enumerate(zip(samples, values)):
+        out[row, s.prefix_len : s.prefix_len + len(row_values)] = torch.tensor(row_values, dtype=torch.float32)
+    return out
 
 
 def micro_batches(

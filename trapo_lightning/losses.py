@@ -1,7 +1,10 @@
 """The TRAPO objective, TRAPO.md "Losses".
 
-    loss = (sum_expert SFT(logp) + sum_policy RL(logp) + kl_coef * sum_policy KL(logp, ref)) / N
+    loss = (sum_expert SFT(logp) + sum_policy w * RL(logp) + kl_coef * sum_policy KL(logp, ref)) / N
            - entropy_coef * mean_{expert | policy} entropy
+
+`TrapoLoss` is the objective as one configurable object (`model.loss` in a config); its variants are the pure
+functions below, chosen by Enum; `trapo_loss` is the whole computation as a pure function of tensors and settings.
 
 Per-token terms (each `[B, T]`, unmasked; one small function per variant, chosen by Enum):
 - TrSFT on expert-prefix tokens, trust region alpha: -log p where p >= alpha, -p / alpha where p < alpha. Its
@@ -10,7 +13,8 @@ Per-token terms (each `[B, T]`, unmasked; one small function per variant, chosen
   the gradient, follows the paper's piecewise form, so the logged SFT loss is the NLL inside the trust region.
   Plain SFT (-log p) and LUFFY's shaping (-p / (p + gamma)) are the ablations.
 - RL on policy tokens: -A * pi / pi_old (the reference code: one optimizer step per rollout batch, ratio ~ 1,
-  no clip) or the PPO clipped form. old_logp and ref_logp are constants: they are detached here.
+  no clip), the PPO clipped form, or GSPO's clipped sequence-level ratio. old_logp and ref_logp are constants: they
+  are detached here. w is the optional rollout importance weight (trapo_lightning/importance.py), 1 without it.
 - KL to a reference model on policy tokens, estimators k1, k2, k3 (Schulman's); the paper's runs use kl_coef 0.
 
 N is `constant` = max_response_tokens * B by default (Dr.GRPO): each sequence's token sum over a fixed length,
@@ -28,6 +32,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from trapo_lightning.importance import ImportanceWeights, RolloutCorrection
+
 
 class SFTLoss(str, Enum):
     """Loss on expert-prefix tokens."""
@@ -42,6 +48,7 @@ class PolicyLoss(str, Enum):
 
     unclipped = "unclipped"
     clipped = "clipped"
+    gspo = "gspo"
 
 
 class KLEstimator(str, Enum):
@@ -59,7 +66,7 @@ class LossNormalizer(str, Enum):
     token_mean = "token_mean"
 
 
-class TrapoLoss(NamedTuple):
+class LossTerms(NamedTuple):
     """The differentiable loss and detached float32 scalar stats."""
 
     loss: Tensor
@@ -82,6 +89,12 @@ class TrapoLoss(NamedTuple):
     """Fraction of expert tokens with p < trust_region_alpha; 0 without any."""
     clip_fraction: Tensor
     """Fraction of policy tokens where the PPO clip was active; 0 for the unclipped loss."""
+    expert_nll: Tensor
+    """Mean -log p over expert tokens: the continuous SFT quantity to watch (TrSFT's value jumps at alpha)."""
+    rollout_is_mean: Tensor
+    """Mean rollout importance weight over policy tokens; 1 without the correction or policy tokens."""
+    rollout_is_rejected: Tensor
+    """Fraction of policy tokens whose importance weight was truncated or masked; 0 without the correction."""
 
 
 def trust_region_sft(logp: Tensor, alpha: float) -> Tensor:
@@ -119,6 +132,23 @@ def clipped_policy_gradient(
     advantages = advantages.detach()[:, None]  # [B, 1]
     clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
     return -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def gspo_policy_gradient(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, policy_mask: Tensor, eps_low: float, eps_high: float
+) -> Tensor:
+    """GSPO-token (Zheng et al. 2025) per token: -min(s * A, clamp(s, 1 - eps_low, 1 + eps_high) * A) with
+    s_t = sg(s_i) * pi_t / sg(pi_t), s_i = exp(mean over the sequence's policy tokens of log(pi / pi_old)).
+
+    The ratio, and so the clip, is the sequence's: a whole sequence is clipped or not; d term / d logp_t = -A * s_i
+    where unclipped. `advantages` `[B]`, `policy_mask` `[B, T]`. GSPO's eps are small (the paper: 3e-4 / 4e-4).
+    """
+    log_ratio = torch.where(policy_mask, logp - old_logp.detach(), 0.0)  # [B, T]
+    sequence_ratio = (log_ratio.sum(dim=1) / policy_mask.sum(dim=1).clamp(min=1)).exp()  # [B]
+    token_ratio = sequence_ratio.detach()[:, None] * torch.exp(logp - logp.detach())  # [B, T], value s_i
+    advantages = advantages.detach()[:, None]  # [B, 1]
+    clipped_ratio = token_ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return -torch.minimum(token_ratio * advantages, clipped_ratio * advantages)
 
 
 def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -170,12 +200,16 @@ def _policy_sum(
     policy_mask: Tensor,
     policy_loss: PolicyLoss,
     eps: tuple[float, float],
+    weights: Optional[Tensor],
 ) -> Tensor:
     policy_terms = {
         PolicyLoss.unclipped: unclipped_policy_gradient,
         PolicyLoss.clipped: partial(clipped_policy_gradient, eps_low=eps[0], eps_high=eps[1]),
+        PolicyLoss.gspo: partial(gspo_policy_gradient, policy_mask=policy_mask, eps_low=eps[0], eps_high=eps[1]),
     }[PolicyLoss(policy_loss)]
     terms = policy_terms(torch.where(policy_mask, logp, 0.0), torch.where(policy_mask, old_logp, 0.0), advantages)
+    if weights is not None:
+        terms = terms * weights.detach()
     return _masked_sum(terms, policy_mask)
 
 
@@ -195,19 +229,25 @@ def _clip_fraction(
     eps: tuple[float, float],
 ) -> Tensor:
     """Fraction of policy tokens whose clipped term is the smaller one (zero gradient there)."""
-    if PolicyLoss(policy_loss) is not PolicyLoss.clipped:
+    if PolicyLoss(policy_loss) is PolicyLoss.unclipped:
         return logp.new_zeros((), dtype=torch.float32)
     log_ratio = torch.where(policy_mask, logp - old_logp, 0.0).detach()  # [B, T]
+    if PolicyLoss(policy_loss) is PolicyLoss.gspo:  # the sequence's ratio on each of its tokens
+        log_ratio = (log_ratio.sum(dim=1, keepdim=True) / policy_mask.sum(dim=1, keepdim=True).clamp(min=1))
+        log_ratio = log_ratio.expand_as(policy_mask)
     ratio, advantages = log_ratio.exp(), advantages.detach()[:, None]  # [B, T], [B, 1]
     active = ratio.clamp(1.0 - eps[0], 1.0 + eps[1]) * advantages < ratio * advantages  # [B, T]
     return ((active & policy_mask).sum() / policy_mask.sum().clamp(min=1)).float()
 
 
-def _check_inputs(logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, kl_coef, max_tokens):
+def _check_inputs(logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, weights, kl_coef,
+                  max_tokens):
     """Raises ValueError unless the token tensors are `[B, T]`, advantages `[B]`, masks bool."""
     tokens = {"old_logp": old_logp, "entropy": entropy, "expert_mask": expert_mask, "policy_mask": policy_mask}
     if ref_logp is not None:
         tokens["ref_logp"] = ref_logp
+    if weights is not None:
+        tokens["importance_weights"] = weights
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     for name, tensor in tokens.items():
@@ -232,6 +272,7 @@ def trapo_loss(
     policy_mask: Tensor,
     *,
     ref_logp: Optional[Tensor] = None,
+    importance: Optional[ImportanceWeights] = None,
     sft_loss: SFTLoss = SFTLoss.trust_region,
     trust_region_alpha: float = 0.1,
     policy_loss: PolicyLoss = PolicyLoss.unclipped,
@@ -244,8 +285,11 @@ def trapo_loss(
     max_response_tokens: int = 8192,
     num_sequences: Optional[int] = None,
     num_loss_tokens: Optional[int] = None,
-) -> TrapoLoss:
+) -> LossTerms:
     """The TRAPO loss of a batch; token tensors `[B, T]` (float32 / bool masks), advantages `[B]`.
+
+    `importance`: rollout importance weights of the policy tokens (`importance.rollout_importance_weights`); each
+    RL term is multiplied by its weight.
 
     `num_sequences` / `num_loss_tokens`: the whole optimizer step's sequence and loss-token counts when this call
     sees one micro-batch of it (default: this batch's own), so that micro-batch losses sum to the step's loss.
@@ -253,12 +297,14 @@ def trapo_loss(
     Expert and policy masks are expected to be disjoint (see `masks.response_masks`). The KL stat is reported
     whenever ref_logp is given, even with kl_coef = 0, so the drift from the reference can be watched.
     """
+    weights = None if importance is None else importance.weights
     _check_inputs(
-        logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, kl_coef, max_response_tokens
+        logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp, weights, kl_coef,
+        max_response_tokens,
     )
     clip_eps = (clip_eps_low, clip_eps_high)
     sft_sum = _sft_sum(logp, expert_mask, sft_loss, trust_region_alpha)
-    policy_sum = _policy_sum(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps)
+    policy_sum = _policy_sum(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps, weights)
     kl_sum = _kl_sum(logp, ref_logp, policy_mask, kl_estimator)
 
     expert_tokens, policy_tokens = expert_mask.sum().float(), policy_mask.sum().float()
@@ -275,7 +321,8 @@ def trapo_loss(
     loss = (sft_sum + policy_sum + kl_coef * kl_sum) / denominator - entropy_coef * entropy_bonus
 
     below_alpha = expert_mask & (logp.detach().exp() < trust_region_alpha)  # [B, T]
-    return TrapoLoss(
+    per_expert, per_policy = expert_tokens.clamp(min=1.0), policy_tokens.clamp(min=1.0)
+    return LossTerms(
         loss=loss,
         sft_loss=(sft_sum / denominator).detach(),
         policy_loss=(policy_sum / denominator).detach(),
@@ -286,4 +333,91 @@ def trapo_loss(
         policy_tokens=policy_tokens,
         outside_trust_region=(below_alpha.sum() / expert_mask.sum().clamp(min=1)).float(),
         clip_fraction=_clip_fraction(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps),
+        expert_nll=(_masked_sum(-logp.detach(), expert_mask) / per_expert).float(),
+        rollout_is_mean=(
+            logp.new_ones(()) if importance is None else _masked_sum(importance.weights, policy_mask) / per_policy
+        ).float(),
+        rollout_is_rejected=(
+            logp.new_zeros(()) if importance is None else importance.rejected.sum() / per_policy
+        ).float(),
     )
+
+
+class TrapoLoss:
+    """The TRAPO objective as one configurable object (`model.loss`): TrSFT on expert-prefix tokens, the RL term on
+    the policy's own tokens, optional KL and rollout importance correction, the entropy bonus and the normaliser.
+
+    Defaults are the paper's (TRAPO.md, "Losses"). Tuning callbacks write `trust_region_alpha` and `kl_coef` here.
+    """
+
+    def __init__(
+        self,
+        sft: SFTLoss = SFTLoss.trust_region,
+        trust_region_alpha: float = 0.1,
+        policy: PolicyLoss = PolicyLoss.unclipped,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        kl_coef: float = 0.0,
+        kl_estimator: KLEstimator = KLEstimator.k3,
+        entropy_coef: float = 0.001,
+        normalizer: LossNormalizer = LossNormalizer.constant,
+        rollout_correction: RolloutCorrection | None = None,
+    ) -> None:
+        """
+        Args:
+            sft: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL) or luffy (p / (p + 0.1)).
+            trust_region_alpha: TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1).
+            policy: RL loss on the policy's tokens: unclipped (-A * ratio, the paper), clipped (PPO) or gspo
+                (GSPO's sequence-level ratio; use small clip eps, e.g. 3e-4 / 4e-4).
+            clip_eps_low: Lower clip range of the clipped and GSPO losses.
+            clip_eps_high: Upper clip range of the clipped and GSPO losses (DAPO's clip-higher: > clip_eps_low).
+            kl_coef: Weight of the KL penalty to the reference model (paper: 0; the reference is then not loaded).
+            kl_estimator: KL estimator: k1, k2 or k3.
+            entropy_coef: Weight of the entropy bonus (paper: 0.001).
+            normalizer: constant (divide by max_response_tokens per sequence, the paper and Dr.GRPO) or token_mean.
+            rollout_correction: Importance-sampling correction of the RL term when the sampler is not pi_old
+                (vLLM lagging or in another precision): token/sequence level, truncate/mask. None: off (the paper).
+        """
+        if not 0.0 <= trust_region_alpha <= 1.0:
+            raise ValueError(f"trust_region_alpha must be in [0, 1], got {trust_region_alpha}")
+        if clip_eps_low < 0 or clip_eps_high < 0:
+            raise ValueError(f"clip eps must be >= 0, got {clip_eps_low} and {clip_eps_high}")
+        if kl_coef < 0 or entropy_coef < 0:
+            raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {kl_coef} and {entropy_coef}")
+        self.sft, self.policy = SFTLoss(sft), PolicyLoss(policy)
+        self.trust_region_alpha = trust_region_alpha
+        self.clip_eps_low, self.clip_eps_high = clip_eps_low, clip_eps_high
+        self.kl_coef, self.kl_estimator = kl_coef, KLEstimator(kl_estimator)
+        self.entropy_coef = entropy_coef
+        self.normalizer = LossNormalizer(normalizer)
+        self.rollout_correction = rollout_correction
+
+    def __call__(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        entropy: Tensor,
+        advantages: Tensor,
+        expert_mask: Tensor,
+        policy_mask: Tensor,
+        *,
+        max_response_tokens: int,
+        ref_logp: Optional[Tensor] = None,
+        rollout_logp: Optional[Tensor] = None,
+        num_sequences: Optional[int] = None,
+        num_loss_tokens: Optional[int] = None,
+    ) -> LossTerms:
+        """`trapo_loss` with these settings; `rollout_logp` `[B, T]` (the sampler's log-probs) feeds the rollout
+        correction, when there is one."""
+        importance = None
+        if self.rollout_correction is not None:
+            if rollout_logp is None:
+                raise ValueError("the rollout correction needs the sampler's log-probs (rollout_logp)")
+            importance = self.rollout_correction(old_logp, rollout_logp, policy_mask)
+        return trapo_loss(
+            logp, old_logp, entropy, advantages, expert_mask, policy_mask, ref_logp=ref_logp, importance=importance,
+            sft_loss=self.sft, trust_region_alpha=self.trust_region_alpha, policy_loss=self.policy,
+            clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high, kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef, normalizer=self.normalizer,
+            max_response_tokens=max_response_tokens, num_sequences=num_sequences, num_loss_tokens=num_loss_tokens,
+        )

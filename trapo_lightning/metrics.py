@@ -19,7 +19,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from trapo_lightning.evaluation import AverageAtK, PassAtK
-from trapo_lightning.losses import TrapoLoss
+from trapo_lightning.losses import LossTerms
 from trapo_lightning.reward import RewardResult, Verdict
 from trapo_lightning.rollout.base import Generation
 from trapo_lightning.sampling import Sample
@@ -38,7 +38,9 @@ def _weighted(values: Sequence[float], weights: Sequence[float]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / total if total else 0.0
 
 
-def step_metrics(samples: Sequence[Sample], losses: Sequence[TrapoLoss]) -> dict[str, float]:
+def step_metrics(samples: Sequence[Sample], updates: Sequence[Sequence[LossTerms]]) -> dict[str, float]:
+    """The step's sample statistics, and its loss statistics averaged over its updates (one per optimizer step,
+    each a list of micro-batch records)."""
     unguided = [s.reward for s in samples if not s.guided]
     metrics = {
         "train/reward": _mean(unguided),
@@ -53,11 +55,12 @@ def step_metrics(samples: Sequence[Sample], losses: Sequence[TrapoLoss]) -> dict
         metrics[f"train/guidance_{ratio:.2f}"] = _mean([float(s.prefix_ratio == ratio) for s in samples])
     for verdict in (Verdict.wrong, Verdict.unparseable, Verdict.timeout):
         metrics[f"train/{verdict.value}_fraction"] = _mean([float(s.verdict is verdict) for s in samples])
-    metrics.update(_loss_metrics(losses))
+    per_update = [_loss_metrics(losses) for losses in updates]
+    metrics.update({key: _mean([m[key] for m in per_update]) for key in per_update[0]})
     return metrics
 
 
-def _loss_metrics(losses: Sequence[TrapoLoss]) -> dict[str, float]:
+def _loss_metrics(losses: Sequence[LossTerms]) -> dict[str, float]:
     """Micro-batch losses are normalised by step totals, so sums add up; ratios are token-weighted."""
     expert = [float(l.expert_tokens) for l in losses]
     policy = [float(l.policy_tokens) for l in losses]
@@ -70,6 +73,9 @@ def _loss_metrics(losses: Sequence[TrapoLoss]) -> dict[str, float]:
         "train/entropy": _weighted([float(l.entropy) for l in losses], [e + p for e, p in zip(expert, policy)]),
         "train/outside_trust_region": _weighted([float(l.outside_trust_region) for l in losses], expert),
         "train/clip_fraction": _weighted([float(l.clip_fraction) for l in losses], policy),
+        "train/expert_nll": _weighted([float(l.expert_nll) for l in losses], expert),
+        "train/rollout_is_mean": _weighted([float(l.rollout_is_mean) for l in losses], policy),
+        "train/rollout_is_rejected": _weighted([float(l.rollout_is_rejected) for l in losses], policy),
         "train/expert_tokens": sum(expert),
     }
 

@@ -30,11 +30,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from trapo_lightning.advantages import dr_grpo_advantages
-from trapo_lightning.batch import TrainBatch, build_train_batch, micro_batches, padded_tokens, step_prefix_carriers
+from trapo_lightning.batch import TrainBatch, step_prefix_carriers
 from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.forward import response_logprobs
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
-from trapo_lightning.losses import KLEstimator, LossNormalizer, PolicyLoss, SFTLoss, TrapoLoss, trapo_loss
+from trapo_lightning.losses import LossTerms, TrapoLoss
 from trapo_lightning.metrics import HELD_OUT, BenchmarkMetrics, Evaluation, metric_prefix, step_metrics
 from trapo_lightning.models.sharded import load_sharded
 from trapo_lightning.models.sources import PolicySource
@@ -46,7 +46,9 @@ from trapo_lightning.prefix import PrefixCut
 from trapo_lightning.sampling import ExpertPrefixer, Sample, sample_micro_groups
 from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng_states
 from trapo_lightning.timing import PhaseTimer
+from trapo_lightning.shaping import DapoShaping, uniform_groups
 from trapo_lightning.sharding import GatheredRollout, mixed_precision_policy
+from trapo_lightning.update import Accumulated, MicroBatching, OldLogpSource, RolloutBatch, accumulate, old_logprobs, update_rows
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -76,17 +78,13 @@ class TrapoModule(L.LightningModule):
         val_temperature: float = 0.6,
         val_samples: int = 1,
         pass_at_k: tuple[int, ...] = (1,),
-        sft_loss: SFTLoss = SFTLoss.trust_region,
-        trust_region_alpha: float = 0.1,
-        policy_loss: PolicyLoss = PolicyLoss.unclipped,
-        clip_eps_low: float = 0.2,
-        clip_eps_high: float = 0.2,
-        kl_coef: float = 0.0,
-        kl_estimator: KLEstimator = KLEstimator.k3,
-        entropy_coef: float = 0.001,
-        loss_normalizer: LossNormalizer = LossNormalizer.constant,
+        loss: TrapoLoss | None = None,
         advantage_std_scaling: bool = False,
+        dapo: DapoShaping | None = None,
         gradient_clip_val: float = 1.0,
+        ppo_epochs: int = 1,
+        mini_batches_per_step: int = 1,
+        old_logp_source: OldLogpSource = OldLogpSource.policy,
         micro_batch_size: int = 8,
         max_tokens_per_micro_batch: int | None = None,
         logprob_chunk_tokens: int = 1024,
@@ -118,17 +116,17 @@ class TrapoModule(L.LightningModule):
             val_samples: Answers sampled per validation/test problem, n of avg@n and pass@k (paper: 32 for AIME24 and
                 AMC, else 1).
             pass_at_k: The k of the unbiased pass@k logged per benchmark, each in [1, val_samples].
-            sft_loss: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL) or luffy (p / (p + 0.1)).
-            trust_region_alpha: TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1).
-            policy_loss: RL loss on the policy's tokens: unclipped (-A * ratio, the paper) or clipped (PPO).
-            clip_eps_low: Lower clip range of the clipped policy loss.
-            clip_eps_high: Upper clip range of the clipped policy loss.
-            kl_coef: Weight of the KL penalty to the reference model (paper: 0, and then its forward is skipped).
-            kl_estimator: KL estimator: k1, k2 or k3.
-            entropy_coef: Weight of the entropy bonus (paper: 0.001).
-            loss_normalizer: constant (divide by max_response_tokens per sequence, the paper) or token_mean.
+            loss: The objective (`trapo_lightning.losses.TrapoLoss`): SFT and RL variants, trust-region alpha, clip
+                ranges, KL, entropy bonus, normaliser and the rollout importance correction (default: the paper's).
             advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
+            dapo: DAPO's dynamic-sampling filter and overlong handling of the RL term (default: none, the paper).
             gradient_clip_val: Global gradient-norm clip (paper: 1.0).
+            ppo_epochs: Passes over each rollout batch (paper: 1). Lightning's global step, and so trainer.max_steps,
+                counts optimizer steps: ppo_epochs x mini_batches_per_step per rollout batch.
+            mini_batches_per_step: Optimizer steps per pass, each over an equal share of the step's prompts (paper: 1).
+            old_logp_source: pi_old when a batch feeds several updates: policy (a no-grad forward of the policy
+                before the first update) or rollout (the sampler's log-probs). With one update the first forward's
+                own log-probs are pi_old (ratio 1, as the paper's code).
             micro_batch_size: Most sequences per forward/backward micro-batch within one optimizer step.
             max_tokens_per_micro_batch: Token budget of a micro-batch (rows x padded width): sequences are sorted by
                 length and packed up to it, verl's dynamic batch size (`batch.micro_batches`). None: runs of
@@ -152,8 +150,8 @@ class TrapoModule(L.LightningModule):
         super().__init__()
         if max_prompt_tokens < 1 or max_response_tokens < 1:
             raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
-        if not 0.0 <= trust_region_alpha <= 1.0:
-            raise ValueError(f"trust_region_alpha must be in [0, 1], got {trust_region_alpha}")
+        if ppo_epochs < 1 or mini_batches_per_step < 1:
+            raise ValueError(f"ppo_epochs and mini_batches_per_step must be >= 1, got {ppo_epochs}, {mini_batches_per_step}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
@@ -187,16 +185,12 @@ class TrapoModule(L.LightningModule):
         self.val_samples = val_samples
         self.pass_at_k = tuple(pass_at_k)
         self.benchmark_metrics = torch.nn.ModuleDict()  # one BenchmarkMetrics per metric prefix, made on first use
-        self.sft_loss = SFTLoss(sft_loss)
-        self.trust_region_alpha = trust_region_alpha
-        self.policy_loss = PolicyLoss(policy_loss)
-        self.clip_eps = (clip_eps_low, clip_eps_high)
-        self.kl_coef = kl_coef
-        self.kl_estimator = KLEstimator(kl_estimator)
-        self.entropy_coef = entropy_coef
-        self.loss_normalizer = LossNormalizer(loss_normalizer)
+        self.loss = loss or TrapoLoss()
         self.advantage_std_scaling = advantage_std_scaling
+        self.dapo = dapo
         self.gradient_clip_val = gradient_clip_val
+        self.ppo_epochs, self.mini_batches_per_step = ppo_epochs, mini_batches_per_step
+        self.old_logp_source = OldLogpSource(old_logp_source)
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.logprob_chunk_tokens = logprob_chunk_tokens
@@ -249,7 +243,7 @@ class TrapoModule(L.LightningModule):
     def _reference_needed(self) -> bool:
         """The frozen reference only serves the KL term: load it when kl_coef is set or a callback may set it."""
         callbacks = self._trainer.callbacks if self._trainer is not None else []
-        return self.kl_coef != 0 or any("kl_coef" in getattr(callback, "writes", ()) for callback in callbacks)
+        return self.loss.kl_coef != 0 or any("loss.kl_coef" in getattr(c, "writes", ()) for c in callbacks)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -313,17 +307,19 @@ class TrapoModule(L.LightningModule):
                 self.max_response_tokens,
             )
             self.rollout.sleep()  # on GPU the engine's KV cache and weight copy make room for the backward
-        rewards = torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
-        advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
-        samples = [s for group in groups for s in group]
-        losses, grad_norm, mismatch, padding_efficiency = self._optimize(samples, advantages.flatten(), timer)
+        data = self._rollout_batch(groups)
+        updates, grad_norms, first = self._update_policy(data, timer)
+        samples = data.samples
         self._warn_if_nothing_was_graded(samples)
-        metrics = step_metrics(samples, losses)
-        metrics["train/grad_norm"] = grad_norm
-        metrics["train/padding_efficiency"] = padding_efficiency
+        metrics = step_metrics(samples, updates)
+        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["train/padding_efficiency"] = first.real_tokens / max(1, first.forwarded_tokens)
+        if first.policy_tokens:  # measured before any update: the sampler against the policy it sampled
+            metrics["train/rollout_logp_mismatch"] = first.mismatch_sum / first.policy_tokens
+        if self.dapo is not None:
+            metrics["train/uniform_groups"] = float(uniform_groups(self._rewards(groups)).float().mean())
+            metrics["train/rl_rows"] = float(data.rl_rows.float().mean())
         metrics["train/policy_version"] = float(sampled_version)  # the weights this step's rollouts came from
-        if mismatch is not None:
-            metrics["train/rollout_logp_mismatch"] = mismatch
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         metrics["train/nonfinite_skipped"] = float(self.nonfinite.skipped)
         metrics.update(timer.metrics())
@@ -347,49 +343,66 @@ class TrapoModule(L.LightningModule):
                 "the data's answers match its solutions' final \\boxed{} and the reward's timeout_s."
             )
 
+    @staticmethod
+    def _rewards(groups: list[list[Sample]]) -> torch.Tensor:
+        return torch.tensor([[s.reward for s in group] for group in groups])  # [P, G]
+
+    def _rollout_batch(self, groups: list[list[Sample]]) -> RolloutBatch:
+        """The step's samples with what is decided over the whole step: advantages (Dr.GRPO over each group, on
+        DAPO-shaped rewards if set), which rows carry a shared prefix's SFT loss and which keep their RL loss."""
+        rewards = self._rewards(groups)  # [P, G]
+        samples = [s for group in groups for s in group]
+        rl_rows = torch.ones_like(rewards, dtype=torch.bool)
+        if self.dapo is not None:
+            finished = torch.tensor([[s.finished for s in group] for group in groups])  # [P, G]
+            lengths = torch.tensor([[len(s.response_ids) for s in group] for group in groups])
+            generated = torch.tensor([[len(s.response_ids) > s.prefix_len for s in group] for group in groups])
+            rl_rows = self.dapo.rl_rows(rewards, finished)
+            rewards = self.dapo.advantage_rewards(rewards, lengths, generated, self.max_response_tokens)
+        advantages = dr_grpo_advantages(rewards, scale_by_std=self.advantage_std_scaling)  # [P, G]
+        return RolloutBatch(samples, advantages.flatten().float(), step_prefix_carriers(samples), rl_rows.flatten())
+
+    def _update_policy(self, data: RolloutBatch, timer: PhaseTimer) -> tuple[list[list[LossTerms]], list[float], Accumulated]:
+        """`ppo_epochs` x `mini_batches_per_step` optimizer steps on the rollout batch. Returns each update's
+        micro-batch losses, each update's gradient norm, and what the first update's forward measured."""
+        micro = MicroBatching(self.micro_batch_size, self.max_tokens_per_micro_batch, self.tokenizer.pad_token_id)
+        if self.ppo_epochs * self.mini_batches_per_step > 1:
+            with timer.phase("forward"):
+                if self.old_logp_source is OldLogpSource.rollout:
+                    old = [tuple(s.rollout_logprobs) for s in data.samples]
+                else:
+                    old = old_logprobs(data, micro, self._policy_logprobs, self.device)
+            data = data._replace(old_logprobs=old)
+        parts = update_rows([s.prompt_index for s in data.samples], self.mini_batches_per_step)
+        updates, grad_norms, first = [], [], None
+        for _ in range(self.ppo_epochs):
+            for rows in parts:
+                accumulated, grad_norm = self._optimize(data, rows, micro, timer)
+                updates.append(accumulated.losses)
+                grad_norms.append(grad_norm)
+                first = first or accumulated
+        return updates, grad_norms, first
+
     def _optimize(
-        self, samples: list[Sample], advantages: torch.Tensor, timer: PhaseTimer
-    ) -> tuple[list[TrapoLoss], float, float | None, float]:
-        """One optimizer step over the step's samples in micro-batches. Returns the per-micro-batch losses, the grad
-        norm, the mean |logp_rollout - logp_train| over policy tokens (None without policy tokens; both are at the
-        rollout temperature), and the padding efficiency: real tokens / tokens through the forward."""
+        self, data: RolloutBatch, rows: list[int], micro: MicroBatching, timer: PhaseTimer
+    ) -> tuple[Accumulated, float]:
+        """One optimizer step over `rows` of the rollout batch. Returns what the forward and backward measured and
+        the gradient norm."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        carriers = step_prefix_carriers(samples)  # [N], decided over the whole step
-        totals = dict(
-            num_sequences=len(samples),
-            num_loss_tokens=sum(
-                len(s.response_ids) - (0 if carries else s.prefix_len) for s, carries in zip(samples, carriers.tolist())
-            ),
-        )
-        prompt_lengths = [len(s.prompt_ids) for s in samples]
-        response_lengths = [len(s.response_ids) for s in samples]
-        plan = micro_batches(prompt_lengths, response_lengths, self.micro_batch_size, self.max_tokens_per_micro_batch)
-        losses = []
-        gap, gap_tokens, forwarded = 0.0, 0, 0
-        for rows in plan:
-            chunk = build_train_batch(
-                [samples[i] for i in rows], advantages[rows], self.tokenizer.pad_token_id, carriers[rows]
-            ).to(self.device)
-            forwarded += padded_tokens([prompt_lengths[i] for i in rows], [response_lengths[i] for i in rows])
-            with timer.phase("forward"):
-                logp, entropy = self._policy_logprobs(chunk)
-                ref_logp = self._reference_logprobs(chunk) if self.kl_coef != 0 else None
-            gap += float(((logp.detach() - chunk.rollout_logp).abs() * chunk.policy_mask).sum())
-            gap_tokens += int(chunk.policy_mask.sum())
-            loss = trapo_loss(
-                logp, logp.detach(), entropy, chunk.advantages, chunk.expert_mask, chunk.policy_mask,
-                ref_logp=ref_logp, sft_loss=self.sft_loss, trust_region_alpha=self.trust_region_alpha,
-                policy_loss=self.policy_loss, clip_eps_low=self.clip_eps[0], clip_eps_high=self.clip_eps[1],
-                kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
-                normalizer=self.loss_normalizer, max_response_tokens=self.max_response_tokens, **totals,
+        if self.loss.kl_coef != 0 and self.reference is None:
+            raise RuntimeError(
+                f"kl_coef is {self.loss.kl_coef} but no reference model was loaded: it is loaded only when "
+                "model.loss.init_args.kl_coef is non-zero at start or a callback declares that it writes it "
+                "(e.g. AdaptiveKL)"
             )
-            with timer.phase("backward"):
-                self.manual_backward(loss.loss)
-            losses.append(loss)
+        accumulated = accumulate(
+            data, rows, micro, self.loss, self.max_response_tokens, self._policy_logprobs,
+            self._reference_logprobs if self.loss.kl_coef != 0 else None, self.manual_backward, self.device, timer,
+        )
         with timer.phase("optimizer"):
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.gradient_clip_val))
-            loss = sum(float(l.loss.detach()) for l in losses)
+            loss = sum(float(terms.loss.detach()) for terms in accumulated.losses)
             finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(loss) and math.isfinite(grad_norm))
             action = self.nonfinite.update(finite)
             if action is StepAction.step:
@@ -400,9 +413,7 @@ class TrapoModule(L.LightningModule):
         if action is not StepAction.step:
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
-        mismatch = gap / gap_tokens if gap_tokens else None
-        real_tokens = sum(prompt_lengths) + sum(response_lengths)
-        return losses, grad_norm, mismatch, real_tokens / forwarded
+        return accumulated, grad_norm
 
     def _report_nonfinite(self, action: StepAction, loss: float, grad_norm: float) -> None:
         where = f"training batch {self.train_batches - 1} (optimizer step {self.global_step})"
@@ -437,11 +448,6 @@ class TrapoModule(L.LightningModule):
 
     @torch.no_grad()
     def _reference_logprobs(self, chunk: TrainBatch) -> torch.Tensor:
-        if self.reference is None:
-            raise RuntimeError(
-                f"kl_coef is {self.kl_coef} but no reference model was loaded: it is loaded only when model.kl_coef "
-                "is non-zero at start or a callback declares that it writes kl_coef (e.g. AdaptiveKL)"
-            )
         return self._scores(self.reference, chunk)[0]
 
     # -- validation -----------------------------------------------------------------------------------------------
