@@ -189,6 +189,12 @@ def test_a_value_a_component_refuses_is_one_line(in_tmp, capsys):
     assert line.startswith("trapo: error: prompts_per_step and val_batch_size must be >= 1")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_trainer_setting_lightning_refuses_is_one_line(in_tmp, capsys):
+    line = one_line_error(capsys, ["fit", "--config", str(TINY), "--trainer.accelerator", "gpu"])
+    assert line.startswith("trapo: error: No supported gpu backend found!")
+
+
 @pytest.mark.parametrize("key, value", [("gradient_clip_val", "0.5"), ("gradient_clip_algorithm", "value")])
 def test_trainer_gradient_clipping_points_to_the_model_setting(in_tmp, capsys, key, value):
     line = one_line_error(capsys, ["fit", "--config", str(TINY), f"--trainer.{key}", value])

@@ -15,8 +15,9 @@ and exit status 1; with `TRAPO_DEBUG=1` in the environment the traceback is show
 - `FileNotFoundError` / `NotADirectoryError`: a path in the config or on the command line (data files, the policy
   folder, a checkpoint, a run folder to plot);
 - a `ValueError` raised while the config's classes are built: components check their arguments in `__init__`, so
-  such an error is a value the user wrote (it is re-raised as a `ConfigError`), and likewise a `ValueError` from
-  `trapo export` reading the checkpoint it was given (a checkpoint of another model, not a Lightning checkpoint).
+  such an error is a value the user wrote (it is re-raised as a `ConfigError`), as is Lightning's
+  `MisconfigurationException` from building the Trainer, and a `ValueError` from `trapo export` reading the
+  checkpoint it was given (a checkpoint of another model, not a Lightning checkpoint).
 Anything else, e.g. a KeyError or a ValueError deep in a training step, is a bug and keeps its traceback.
 jsonargparse reports unknown keys and wrong types itself, in one line with exit status 2.
 """
@@ -30,6 +31,7 @@ import warnings
 from typing import Literal
 
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trapo_lightning.data.datamodule import TrapoDataModule
@@ -93,10 +95,11 @@ class ExportCLI(TrapoCLI):
 
 @contextlib.contextmanager
 def _refused_values_are_config_errors():
-    """A ValueError while building the config's classes is an argument a component's `__init__` refused."""
+    """A ValueError while building the config's classes is an argument a component's `__init__` refused, and a
+    MisconfigurationException one the Trainer refused (e.g. `accelerator: gpu` on a machine without one)."""
     try:
         yield
-    except ValueError as error:
+    except (ValueError, MisconfigurationException) as error:
         if isinstance(error, UserError):
             raise
         raise ConfigError(str(error)) from error
