@@ -1,6 +1,7 @@
 """The `trapo` command line: every shipped config parses, typos fail loudly, and a tiny run goes end to end."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from trapo_lightning.cli import build_cli
+from trapo_lightning.cli import build_cli, main
 from trapo_lightning.data.datamodule import TrapoDataModule
+from trapo_lightning.errors import ConfigError
 from trapo_lightning.module import TrapoModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +119,114 @@ def test_the_loss_settings_are_documented_under_model_loss(in_tmp, capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1)" in text
+
+
+# -- scoring a model needs no training data (issue 15) ----------------------------------------------------------------
+def write_benchmark(folder: Path, answers: list[str]) -> Path:
+    path = folder / "bench.jsonl"
+    rows = [{"problem": f"Compute {i} + 1.", "answer": answer} for i, answer in enumerate(answers)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def val_only_config(folder: Path, benchmark: Path) -> Path:
+    """README's validate-only shape over the tiny config: a source with val_files only, and the completions table."""
+    path = folder / "val_only.yaml"
+    path.write_text(
+        "data:\n"
+        "  source:\n"
+        "    class_path: trapo_lightning.data.sources.JsonlSource\n"
+        f"    init_args: {{val_files: [{benchmark}]}}\n"
+        "trainer:\n"
+        "  callbacks: [{class_path: trapo_lightning.callbacks.CompletionsTable, init_args: {val_max_rows: null}}]\n"
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_validate_and_test_run_on_a_val_only_data_config_and_write_the_answers(in_tmp, capsys):
+    config = val_only_config(in_tmp, write_benchmark(in_tmp, ["1", "2", "3", "4"]))
+    for version, (command, stage) in enumerate([("validate", "val"), ("test", "test")]):
+        build_cli([command, "--config", str(TINY), "--config", str(config)])
+        run_dir = in_tmp / "runs" / "tiny" / f"version_{version}"
+        rows = [json.loads(line) for line in (run_dir / f"{stage}_completions.jsonl").open()]
+        assert [(r["problem"], r["answer"], r["benchmark"]) for r in rows] == [
+            (f"Compute {i} + 1.", str(i + 1), "val") for i in range(4)
+        ]
+        assert all(r["verdict"] in ("correct", "wrong", "unparseable", "timeout") for r in rows)
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            assert f"{stage}/accuracy" in next(csv.reader(handle))
+    # training does need the training split, and says so in one line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(TINY), "--config", str(config)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "trapo: error: the train split has 0 usable records but one step across all ranks needs 2; add training data"
+    )
+
+
+# -- user errors in one line (issue 15) --------------------------------------------------------------------------------
+def one_line_error(capsys, argv: list[str]) -> str:
+    """What `trapo <argv>` prints for a user error: exit status 1, one `trapo: error:` line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("trapo: error: ") and line.endswith("(TRAPO_DEBUG=1 shows the traceback)")
+    return line
+
+
+def test_a_missing_data_file_is_one_line(in_tmp, capsys):
+    config = val_only_config(in_tmp, in_tmp / "missing.jsonl")
+    line = one_line_error(capsys, ["validate", "--config", str(TINY), "--config", str(config)])
+    assert f"data file {in_tmp / 'missing.jsonl'} does not exist" in line
+
+
+def test_an_unparseable_reference_answer_is_one_line_naming_file_and_line(in_tmp, capsys):
+    benchmark = write_benchmark(in_tmp, ["1", "\\frac{1}{", "3"])
+    config = val_only_config(in_tmp, benchmark)
+    line = one_line_error(capsys, ["validate", "--config", str(TINY), "--config", str(config)])
+    assert f'{benchmark}:2: field \'answer\' is "\\frac{{1}}{{": math-verify cannot parse it' in line
+
+
+def test_a_value_a_component_refuses_is_one_line(in_tmp, capsys):
+    line = one_line_error(capsys, ["fit", "--config", str(TINY), "--data.prompts_per_step", "0"])
+    assert line.startswith("trapo: error: prompts_per_step and val_batch_size must be >= 1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_trainer_setting_lightning_refuses_is_one_line(in_tmp, capsys):
+    line = one_line_error(capsys, ["fit", "--config", str(TINY), "--trainer.accelerator", "gpu"])
+    assert line.startswith("trapo: error: No supported gpu backend found!")
+
+
+@pytest.mark.parametrize("key, value", [("gradient_clip_val", "0.5"), ("gradient_clip_algorithm", "value")])
+def test_trainer_gradient_clipping_points_to_the_model_setting(in_tmp, capsys, key, value):
+    line = one_line_error(capsys, ["fit", "--config", str(TINY), f"--trainer.{key}", value])
+    assert f"trainer.{key} is not supported: TRAPO optimizes manually and clips its own gradients" in line
+    assert "model.gradient_clip_val" in line
+    # the same in a config file
+    clipped = in_tmp / "clipped.yaml"
+    clipped.write_text(f"trainer:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=r"model\.gradient_clip_val"):
+        build_cli(["--config", str(TINY), "--config", str(clipped)], run=False)
+
+
+def test_trapo_debug_shows_the_traceback(in_tmp, monkeypatch):
+    monkeypatch.setenv("TRAPO_DEBUG", "1")
+    with pytest.raises(ConfigError, match="prompts_per_step and val_batch_size must be >= 1") as raised:
+        main(["fit", "--config", str(TINY), "--data.prompts_per_step", "0"])
+    assert isinstance(raised.value.__cause__, ValueError)  # the component's own error, where it was raised
+
+
+@pytest.mark.parametrize("bug", [KeyError("policy.lm_head.weight"), ValueError("shapes do not match")])
+def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch, bug):
+    # a KeyError, or a ValueError raised while running rather than while building the config, is a bug in trapo
+    def run_command(argv):
+        raise bug
+
+    monkeypatch.setattr("trapo_lightning.cli.run_command", run_command)
+    with pytest.raises(type(bug)):
+        main(["fit"])

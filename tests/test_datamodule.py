@@ -16,6 +16,7 @@ from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord
 from trapo_lightning.data.sources import InvalidRecord, JsonlSource, SyntheticSource
 from trapo_lightning.data.stream import PromptStream
 from trapo_lightning.data.synthetic import SyntheticArithmetic
+from trapo_lightning.errors import DataError
 
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -292,4 +293,51 @@ def test_a_malformed_benchmark_row_names_its_file(tiny_policy_dir, write_jsonl):
     data = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=4), prompts_per_step=1,
                            benchmarks={"aime24": JsonlSource(val_files=[bad])})
     with pytest.raises(InvalidRecord, match=r"aime24\.jsonl:1: field 'answer' is missing"):
+        data.setup("validate")
+
+
+# -- each stage loads only what it uses (issue 15) ---------------------------------------------------------------------
+def test_validate_and_test_need_no_training_split(tiny_policy_dir, write_jsonl):
+    bench = write_jsonl("bench.jsonl", bench_rows(3))
+    for stage in ("validate", "test"):
+        data = TrapoDataModule(tiny_policy_dir, JsonlSource(val_files=[bench]), prompts_per_step=2, val_batch_size=2)
+        data.setup(stage)
+        assert sorted(data.streams) == ["val"]
+        assert [r.answer for b in data.val_dataloader() for r in b.records] == ["1", "2", "3"]
+        assert [r.answer for b in data.test_dataloader() for r in b.records] == ["1", "2", "3"]
+    with pytest.raises(DataError, match=r"the train split has 0 usable records .* add training data"):
+        TrapoDataModule(tiny_policy_dir, JsonlSource(val_files=[bench]), prompts_per_step=2).setup("fit")
+
+
+def test_validate_does_not_read_the_training_files(tiny_policy_dir, write_jsonl, tmp_path):
+    # a training file that is not there (or is 46k rows long) costs validation nothing
+    source = JsonlSource([str(tmp_path / "not_here.jsonl")], val_files=[write_jsonl("val.jsonl", bench_rows(2))])
+    data = TrapoDataModule(tiny_policy_dir, source, prompts_per_step=1)
+    data.setup("validate")
+    assert sorted(data.streams) == ["val"]
+    with pytest.raises(FileNotFoundError, match="not_here.jsonl does not exist"):
+        data.setup("fit")  # fit after validate (one Trainer, one datamodule) loads what is still missing
+
+
+def test_fit_after_validate_loads_the_training_split_once_and_keeps_the_benchmarks(tiny_policy_dir):
+    data = TrapoDataModule(tiny_policy_dir, SyntheticSource(train_size=4, val_size=2), prompts_per_step=2)
+    data.setup("validate")
+    val_stream = data.streams["val"]
+    data.setup("fit")
+    assert sorted(data.streams) == ["train", "val"] and data.streams["val"] is val_stream
+    train_stream = data.streams["train"]
+    data.setup("test")
+    assert data.streams["train"] is train_stream and len(list(data.train_dataloader())) == 2
+
+
+def test_predict_loads_nothing(tiny_policy_dir):
+    data = TrapoDataModule(None, SyntheticSource(train_size=4, val_size=2))  # not even the tokenizer is needed
+    data.setup("predict")
+    assert data.streams == {}
+
+
+def test_a_val_split_with_no_problems_says_where_they_come_from(tiny_policy_dir, write_jsonl):
+    data = TrapoDataModule(tiny_policy_dir, JsonlSource([write_jsonl("train.jsonl", [row(0)])]), prompts_per_step=1)
+    with pytest.raises(DataError, match=r"the val split has 0 usable records .* \(the source's val_files, or "
+                                        r"data\.benchmarks\)"):
         data.setup("validate")

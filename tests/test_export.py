@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from trapo_lightning.cli import export_cli, main
 from trapo_lightning.export import export_policy
 from trapo_lightning.models import TinyRandomQwen2
 
@@ -60,6 +62,7 @@ def test_trapo_export_writes_a_single_file_checkpoint_as_a_hugging_face_folder(t
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180,
                             env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "args parameter" not in result.stderr  # Lightning's warning about args besides a command line
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     assert torch.equal(probe_logits(tmp_path / "hf"), logits)
     tokenizer, source = AutoTokenizer.from_pretrained(tmp_path / "hf"), tiny_policy_dir.load_tokenizer()
@@ -103,3 +106,31 @@ def test_a_checkpoint_without_every_policy_weight_is_refused(trained, tiny_polic
 def test_a_missing_checkpoint_says_what_to_pass(tiny_policy_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="pass a .ckpt file or a sharded checkpoint folder"):
         export_policy(tiny_policy_dir, tmp_path / "nothing.ckpt", tmp_path / "hf")
+
+
+def export_args(tiny_policy_dir, checkpoint, out) -> list[str]:
+    return ["--config", str(TINY), "--model.policy.init_args.path", str(tiny_policy_dir.resolve()),
+            "--ckpt_path", str(checkpoint), "--out", str(out)]
+
+
+def test_export_does_not_warn_about_its_own_command_line(trained, tiny_policy_dir, tmp_path, monkeypatch):
+    torch.save({"state_dict": lightning_state(trained[0])}, tmp_path / "last.ckpt")
+    args = export_args(tiny_policy_dir, tmp_path / "last.ckpt", tmp_path / "hf")
+    monkeypatch.setattr(sys, "argv", ["trapo", "export", *args])  # as `trapo export ...` runs it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_cli(args)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    assert torch.equal(probe_logits(tmp_path / "hf"), trained[1])
+
+
+def test_exporting_a_checkpoint_of_another_model_is_one_line(tiny_policy_dir, tmp_path, capsys):
+    other = TinyRandomQwen2(path=str(tmp_path / "other"), hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                            intermediate_size=64, max_position_embeddings=512)
+    torch.save({"state_dict": lightning_state(other.load_model())}, tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *export_args(tiny_policy_dir, tmp_path / "last.ckpt", tmp_path / "hf")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("trapo: error: ") and "not the model that was trained" in err

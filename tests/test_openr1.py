@@ -83,6 +83,8 @@ BAD_ROWS = [
      "field 'generations'[1] must be a string, got int"),
     (dict(answer=""), "empty_answer", "field 'answer' is empty"),
     (dict(problem=None), "non_string_problem", "field 'problem' must be a string"),
+    (dict(answer="\\frac{1}{"), "unparseable_answer", "field 'answer' is \"\\frac{1}{\": math-verify cannot parse it"),
+    (dict(answer="see the solution"), "unparseable_answer", "'answer' is \"see the solution\": it reads as prose"),
 ]
 
 
@@ -119,14 +121,19 @@ def test_skip_invalid_counts_per_reason_and_keeps_good_rows(write_jsonl):
     path = write_jsonl("openr1.jsonl", rows)
     records, skipped = OpenR1MathSource([path], skip_invalid=True).load("train")
     assert [(r.problem, r.solution) for r in records] == [("A", TRACE), ("B", TRACE)]
-    assert [r.source for r in records] == [f"{path}:1", f"{path}:11"]
-    assert skipped == Counter({reason: 1 for _, reason, _ in BAD_ROWS} | {"undecodable": 1})
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:{len(BAD_ROWS) + 3}"]
+    reasons = Counter(reason for _, reason, _ in BAD_ROWS)
+    assert skipped == reasons + Counter(undecodable=1)
 
 
 def test_validation_rows_need_problem_and_answer_only(write_jsonl):
     path = write_jsonl("bench.jsonl", [{"problem": "Compute 7 + 5.", "answer": "12"}])
     records, _ = OpenR1MathSource(val_files=[path]).load("val")
     assert records == [MathRecord("Compute 7 + 5.", "", "12", source=f"{path}:1")]
+    bad = write_jsonl("bad_bench.jsonl", [{"problem": "Compute 7 + 5.", "answer": "\\frac{1}{"}])
+    with pytest.raises(InvalidRecord, match=r"bad_bench\.jsonl:1: field 'answer' is") as raised:
+        OpenR1MathSource(val_files=[bad]).load("val")  # a benchmark's answers are checked too
+    assert raised.value.reason == "unparseable_answer"
 
 
 def test_parquet_and_save_to_disk_read_the_same_records(tmp_path, write_jsonl):

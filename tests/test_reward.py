@@ -266,3 +266,20 @@ def test_worker_does_not_rerun_an_unguarded_main_script(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["script", "ran", "correct"]
+
+
+# -- the reference's parse alone, for data sources to check answers when they load them (issue 15) --------------------
+@pytest.mark.parametrize("on_main_thread", [True, False], ids=["in-process", "worker"])
+def test_reference_problem_is_the_parse_that_score_raises_on(on_main_thread):
+    reward = MathVerifyReward(timeout_s=1.0, isolate=False)  # off the main thread it uses the worker anyway
+    problem = reward.reference_problem if on_main_thread else lambda a: _off_main_thread(reward.reference_problem, a)
+    try:
+        assert problem("66") is None and problem("\\frac{1}{2}") is None
+        unparseable = "math-verify cannot parse it or finds no expression in it (read inside \\boxed{})"
+        assert problem("\\frac{1}{") == unparseable
+        with pytest.raises(ValueError, match="cannot parse the reference answer"):
+            reward.score("\\boxed{1}", "\\frac{1}{")
+        if not on_main_thread:  # in-process, the time limit is tested through the data layer (test_sources.py)
+            assert problem("{" * 3000 + "1" + "}" * 3000) == "math-verify did not parse it within 1 s"
+    finally:
+        reward.close()

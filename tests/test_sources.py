@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from trapo_lightning.data.answers import AnswerCheck, prose_problem
 from trapo_lightning.data.records import MathRecord
 from trapo_lightning.data.sources import (
     FieldMap,
@@ -21,6 +22,7 @@ from trapo_lightning.data.sources import (
     ParquetSource,
     parse_row,
 )
+from trapo_lightning.reward import MathVerifyReward
 
 GOOD = {"problem": "Compute 1 + 2.", "solution": "1 + 2 = 3\n\n\\boxed{3}", "answer": "3"}
 
@@ -243,3 +245,94 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
         HFDatasetSource([str(tmp_path)]).load("train")
     with pytest.raises(ImportError, match=r"needs `datasets`"):
         HFDatasetSource([str(path)], builder="parquet").load("train")
+
+
+# -- reference answers: parsed at load as the reward will parse them (issue 15) ----------------------------------------
+# (answer, text the message must contain): each one no completion could ever be graded against
+BAD_ANSWERS = [
+    ("\\frac{1}{", "math-verify cannot parse it or finds no expression in it"),
+    ("see the solution", "it reads as prose ('see the')"),
+    ("@@", "math-verify cannot parse it or finds no expression in it"),
+]
+
+
+@pytest.mark.parametrize("answer, mentions", BAD_ANSWERS)
+def test_an_answer_the_reward_cannot_grade_names_file_and_line(write_jsonl, answer, mentions):
+    path = write_jsonl("train.jsonl", [GOOD, dict(GOOD, answer=answer), GOOD])
+    with pytest.raises(InvalidRecord) as raised:
+        JsonlSource([path]).load("train")
+    assert str(raised.value).startswith(f'{path}:2: field \'answer\' is "{answer}": {mentions}')
+    assert raised.value.reason == "unparseable_answer"
+
+
+@pytest.mark.parametrize("answer", ["\\frac{1}{", "@@"])
+def test_the_load_check_refuses_what_the_reward_would_raise_on_minutes_into_a_run(answer):
+    assert AnswerCheck().problem(answer).startswith("math-verify cannot parse it")
+    with pytest.raises(ValueError, match="math-verify cannot parse the reference answer"):
+        MathVerifyReward(isolate=False).score("\\boxed{3}", answer)
+
+
+def test_bad_answers_are_counted_with_skip_invalid_in_both_splits(write_jsonl):
+    rows = [GOOD, *(dict(GOOD, answer=answer) for answer, _ in BAD_ANSWERS), dict(GOOD, answer="\\frac{1}{2}")]
+    path = write_jsonl("rows.jsonl", rows)
+    for split, source in (("train", JsonlSource([path], skip_invalid=True)),
+                          ("val", JsonlSource(val_files=[path], skip_invalid=True))):
+        records, skipped = source.load(split)
+        assert [r.answer for r in records] == ["3", "\\frac{1}{2}"]
+        assert skipped == Counter(unparseable_answer=3)
+    with pytest.raises(InvalidRecord, match=r"rows\.jsonl:2: field 'answer' is"):
+        JsonlSource(val_files=[path]).load("val")  # a benchmark's answers are checked too
+
+
+def test_a_mapped_answer_field_is_named_in_the_message(write_jsonl):
+    path = write_jsonl("mapped.jsonl", [{"problem": "p", "final": "see the solution"}])
+    with pytest.raises(InvalidRecord, match=r"mapped\.jsonl:1: field 'final' \(the answer field\) is \"see the"):
+        JsonlSource(val_files=[path], fields=FieldMap(answer="final")).load("val")
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_checks_the_answers(kind, tmp_path, write_jsonl):
+    rows = [GOOD, dict(GOOD, answer="\\frac{1}{")]
+    source_class, extra, path, where = write_format(kind, tmp_path, write_jsonl, rows)
+    with pytest.raises(InvalidRecord) as raised:
+        source_class([path], **extra).load("train")
+    assert str(raised.value).startswith(f"{where}: field 'answer' is \"\\frac{{1}}{{\": math-verify cannot parse it")
+    assert source_class([path], skip_invalid=True, **extra).load("train")[1] == Counter(unparseable_answer=1)
+
+
+@pytest.mark.parametrize("answer", [
+    "12", "\\frac{1}{2}", "(1, 2)", "x^2 + 1", "Yes", "odd", "AB = AC", "ab + bc + ca", "x = 2 or x = 3",
+    "\\text{no solution}", "5 \\text{ cm}", "\\sin x \\cos x", "2\\sqrt{3}",
+])
+def test_mathematical_answers_and_marked_text_are_accepted(answer):
+    check = AnswerCheck()
+    assert check.problem(answer) is None
+    assert MathVerifyReward(isolate=False).reference_problem(answer) is None  # the reward can grade them
+
+
+@pytest.mark.parametrize("answer", ["see the solution", "n is odd", "all real numbers", "No solution"])
+def test_prose_is_refused_though_math_verify_parses_it(answer):
+    # math-verify reads prose as a product of single-letter variables, which no mathematical answer equals
+    assert MathVerifyReward(isolate=False).reference_problem(answer) is None
+    assert prose_problem(answer).startswith("it reads as prose")
+
+
+def test_each_distinct_answer_is_parsed_once_per_load(write_jsonl, monkeypatch):
+    parsed = []
+    real = MathVerifyReward.reference_problem
+
+    def spy(self, answer):
+        parsed.append(answer)
+        return real(self, answer)
+
+    monkeypatch.setattr(MathVerifyReward, "reference_problem", spy)
+    path = write_jsonl("train.jsonl", [dict(GOOD, answer=a) for a in ["3", "4", "3", "3", "\\frac{1}{", "\\frac{1}{"]])
+    records, skipped = JsonlSource([path], skip_invalid=True).load("train")
+    assert len(records) == 4 and skipped == Counter(unparseable_answer=2)
+    assert parsed == ["3", "4", "\\frac{1}{"]
+
+
+def test_an_answer_that_parses_too_slowly_is_unparseable():
+    # 3000 nested groups take math-verify tens of seconds; the check gives up at its limit
+    nested = "{" * 3000 + "1" + "}" * 3000
+    assert AnswerCheck(timeout_s=1.0).problem(nested) == "math-verify did not parse it within 1 s"

@@ -7,23 +7,51 @@ Values the data and the model must agree on are linked, not repeated: the data s
 a plain Hugging Face folder (trapo_lightning/export.py, issue 3). It parses the training config exactly as `fit`
 does, overrides included, but builds only `model.policy`: no Trainer, devices or data are touched, so a checkpoint
 trained on GPUs exports on a CPU machine.
+
+Errors. A mistake in the user's config, data or paths ends the command with one line, `trapo: error: <message>`,
+and exit status 1; with `TRAPO_DEBUG=1` in the environment the traceback is shown instead. User errors are
+- `trapo_lightning.errors.UserError`: malformed data rows (`InvalidRecord`, with `file:line`), splits too small,
+  files of the wrong kind, missing optional extras, and the config errors below;
+- `FileNotFoundError` / `NotADirectoryError`: a path in the config or on the command line (data files, the policy
+  folder, a checkpoint, a run folder to plot);
+- a `ValueError` raised while the config's classes are built: components check their arguments in `__init__`, so
+  such an error is a value the user wrote (it is re-raised as a `ConfigError`), as is Lightning's
+  `MisconfigurationException` from building the Trainer, and a `ValueError` from `trapo export` reading the
+  checkpoint it was given (a checkpoint of another model, not a Lightning checkpoint).
+Anything else, e.g. a KeyError or a ValueError deep in a training step, is a bug and keeps its traceback.
+jsonargparse reports unknown keys and wrong types itself, in one line with exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from typing import Literal
 
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trapo_lightning.data.datamodule import TrapoDataModule
+from trapo_lightning.errors import ConfigError, UserError
 from trapo_lightning.export import export_policy
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.module import TrapoModule
 from trapo_lightning.plots import main as plot_main
+
+
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
+"""What `trapo` reports in one line (see the module docstring); everything else keeps its traceback."""
+DEBUG_ENV = "TRAPO_DEBUG"
+
+# The module clips its own gradients (manual optimization); Lightning refuses these with an error about automatic
+# optimization that does not say where the setting went.
+_MODULE_CLIPS = {
+    "gradient_clip_val": "set model.gradient_clip_val instead (global gradient-norm clip, default 1.0, the paper's)",
+    "gradient_clip_algorithm": "the module always clips the global gradient norm, at model.gradient_clip_val",
+}
 
 
 class TrapoCLI(LightningCLI):
@@ -31,6 +59,18 @@ class TrapoCLI(LightningCLI):
         parser.link_arguments("model.policy", "data.policy")
         parser.link_arguments("model.max_prompt_tokens", "data.max_prompt_tokens")
         parser.link_arguments("model.max_response_tokens", "data.max_response_tokens")
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self._get(self.config, "trainer")
+        for key, instead in _MODULE_CLIPS.items():
+            if trainer.get(key) is not None:
+                raise ConfigError(
+                    f"trainer.{key} is not supported: TRAPO optimizes manually and clips its own gradients; {instead}"
+                )
+
+    def instantiate_classes(self) -> None:
+        with _refused_values_are_config_errors():
+            super().instantiate_classes()
 
 
 class ExportCLI(TrapoCLI):
@@ -49,7 +89,20 @@ class ExportCLI(TrapoCLI):
 
     def instantiate_classes(self) -> None:
         # Only the policy source: the architecture and tokenizer come from it, the weights from the checkpoint.
-        self.policy = _instantiate_policy(self.config.model.policy)
+        with _refused_values_are_config_errors():
+            self.policy = _instantiate_policy(self.config.model.policy)
+
+
+@contextlib.contextmanager
+def _refused_values_are_config_errors():
+    """A ValueError while building the config's classes is an argument a component's `__init__` refused, and a
+    MisconfigurationException one the Trainer refused (e.g. `accelerator: gpu` on a machine without one)."""
+    try:
+        yield
+    except (ValueError, MisconfigurationException) as error:
+        if isinstance(error, UserError):
+            raise
+        raise ConfigError(str(error)) from error
 
 
 def _instantiate_policy(spec: Namespace) -> PolicySource:
@@ -66,6 +119,9 @@ def _parsing_settings() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     # Checkpoints are meant to hold the state after each step's update (what a resume continues from).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # `trapo` hands LightningCLI the arguments of its own command line (those after the subcommand it dispatched
+    # on), so Lightning's warning against passing `args` besides a command line is about nothing.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> TrapoCLI:
@@ -94,21 +150,34 @@ def export_cli(args: list[str]) -> str:
         parser_kwargs={"parser_mode": "yaml", "prog": "trapo export",
                        "description": "Write a trained policy checkpoint as a Hugging Face model folder."},
     )
-    folder = export_policy(cli.policy, cli.config.ckpt_path, cli.config.out, cli.config.dtype)
+    try:
+        folder = export_policy(cli.policy, cli.config.ckpt_path, cli.config.out, cli.config.dtype)
+    except ValueError as error:  # the checkpoint given does not fit the config's policy (trapo_lightning/export.py)
+        raise ConfigError(str(error)) from error
     print(f"Exported the policy of {cli.config.ckpt_path} to {folder}")
     return str(folder)
 
 
-def main() -> None:
-    """The `trapo` console script: `trapo fit|validate|test ...` (LightningCLI), `trapo export ...` and
-    `trapo plot RUN_DIR [RUN_DIR ...]`."""
-    if sys.argv[1:2] == ["export"]:
-        export_cli(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["plot"]:
-        plot_main(sys.argv[2:])
-        return
-    build_cli()
+def run_command(argv: list[str]) -> None:
+    """`trapo <argv>`: `fit|validate|test ...` (LightningCLI), `export ...` or `plot RUN_DIR [RUN_DIR ...]`."""
+    if argv[:1] == ["export"]:
+        export_cli(argv[1:])
+    elif argv[:1] == ["plot"]:
+        plot_main(argv[1:])
+    else:
+        build_cli(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `trapo` console script: `run_command(sys.argv[1:])`, with a user error reported in one line (exit status
+    1) unless TRAPO_DEBUG=1 asks for its traceback."""
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"trapo: error: {error} ({DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

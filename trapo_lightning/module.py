@@ -451,11 +451,15 @@ class TrapoModule(L.LightningModule):
         return self._scores(self.reference, chunk)[0]
 
     # -- validation -----------------------------------------------------------------------------------------------
-    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate_and_log(batch, self._benchmark_prefix("val", dataloader_idx), batch_idx)
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Evaluates one batch of a benchmark. Returns {"evaluation": its graded samples, "benchmark": the
+        benchmark's name}, which Lightning hands to callbacks' `on_validation_batch_end` as `outputs`
+        (`CompletionsTable` writes what the model answered)."""
+        return self._evaluate_and_log(batch, "val", self._benchmark_name(dataloader_idx), batch_idx)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate_and_log(batch, self._benchmark_prefix("test", dataloader_idx), batch_idx)
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """As `validation_step`, logged under `test/`."""
+        return self._evaluate_and_log(batch, "test", self._benchmark_name(dataloader_idx), batch_idx)
 
     def evaluate(self, batch: PromptBatch, prefix: str, batch_idx: int = 0) -> Evaluation:
         """`val_samples` unguided samples per prompt at the validation temperature, graded. The sampling seed
@@ -471,20 +475,22 @@ class TrapoModule(L.LightningModule):
         results = self.reward(texts, [r.answer for r in batch.records for _ in range(n)])
         return Evaluation(results, generations, n)
 
-    def _benchmark_prefix(self, stage: str, dataloader_idx: int) -> str:
-        names = getattr(self.trainer.datamodule, "benchmark_names", [HELD_OUT])
-        return metric_prefix(stage, names[dataloader_idx])
+    def _benchmark_name(self, dataloader_idx: int) -> str:
+        return getattr(self.trainer.datamodule, "benchmark_names", [HELD_OUT])[dataloader_idx]
 
-    def _evaluate_and_log(self, batch: PromptBatch, prefix: str, batch_idx: int) -> None:
+    def _evaluate_and_log(self, batch: PromptBatch, stage: str, benchmark: str, batch_idx: int) -> dict:
         """Accumulate the batch into the benchmark's metrics; Lightning computes (summed over ranks) and resets
-        them at the end of the epoch."""
+        them at the end of the epoch. Returns the step's outputs (see `validation_step`)."""
+        prefix = metric_prefix(stage, benchmark)
         if prefix not in self.benchmark_metrics:
             with torch.inference_mode(False):  # states made in inference mode could not be updated outside it
                 self.benchmark_metrics[prefix] = BenchmarkMetrics(self.val_samples, self.pass_at_k).to(self.device)
         metrics = self.benchmark_metrics[prefix]
-        metrics.update(self.evaluate(batch, prefix, batch_idx))
+        evaluation = self.evaluate(batch, prefix, batch_idx)
+        metrics.update(evaluation)
         for name, metric in metrics.items():
             self.log(
                 f"{prefix}/{name}", metric, prog_bar=name == "accuracy", add_dataloader_idx=False,
                 metric_attribute=f"benchmark_metrics.{prefix}.{name}",
             )
+        return {"evaluation": evaluation, "benchmark": benchmark}

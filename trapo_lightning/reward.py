@@ -8,7 +8,9 @@ goes through sympy's `parse_expr`, which evaluates Python code, and model output
 Each check ends in one `Verdict`, so a run can tell a model that answers wrongly from one that stops producing a
 parseable answer or trips the time limit: `correct` (the only verdict with reward 1), `wrong`, `unparseable` (no
 balanced `\\boxed{}`, math-verify finds no expression in it, or math-verify raises on it), and `timeout`. A
-reference answer that math-verify cannot parse is bad data, not a model failure, and raises `ValueError`.
+reference answer that math-verify cannot parse is bad data, not a model failure, and raises `ValueError`;
+`reference_problem` runs that same parse of the reference alone, so that data sources reject such answers when
+they load them (trapo_lightning/data/answers.py).
 
 Time bound. By default (`isolate=True`) every check runs in the worker subprocess described below, so the limit
 is hard in any thread: measured, in-process signal limits let a deep-nesting check run 23 s at a 1 s limit inside
@@ -254,14 +256,26 @@ class MathVerifyReward:
 
     def score(self, completion: str, answer: str) -> RewardResult:
         """Scores one completion; raises ValueError if `answer` itself cannot be parsed by math-verify."""
-        content = last_boxed(completion[-self.max_completion_chars :])
-        if not self.isolate and threading.current_thread() is threading.main_thread():
-            verdict = _check(content, answer, self._signal_timeout)
-        else:
-            verdict = self._check_in_worker(content, answer)
+        verdict = self._judge(last_boxed(completion[-self.max_completion_chars :]), answer)
         if verdict is None:
             raise ValueError(f"math-verify cannot parse the reference answer {answer!r} (as \\boxed{{{answer}}})")
         return RewardResult(verdict, 1.0 if verdict is Verdict.correct else 0.0)
+
+    def reference_problem(self, answer: str) -> str | None:
+        """Why no completion could ever be graded against `answer`, or None if it parses. The reference's parse
+        of `score`, on the same path with the same time bound: a data source calls it when loading, so an answer
+        accepted there is one the reward can grade."""
+        verdict = self._judge(None, answer)  # no completion: `_check` parses only the reference
+        if verdict is None:
+            return "math-verify cannot parse it or finds no expression in it (read inside \\boxed{})"
+        if verdict is Verdict.timeout:
+            return f"math-verify did not parse it within {self.timeout_s:g} s"
+        return None
+
+    def _judge(self, content: str | None, answer: str) -> Verdict | None:
+        if not self.isolate and threading.current_thread() is threading.main_thread():
+            return _check(content, answer, self._signal_timeout)
+        return self._check_in_worker(content, answer)
 
     def _check_in_worker(self, content: str | None, answer: str) -> Verdict | None:
         with self._worker_lock:

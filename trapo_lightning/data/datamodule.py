@@ -4,6 +4,9 @@ problems of the validation/test benchmarks to the evaluation.
 Benchmarks (AIME, AMC, MATH-500, ...) are named sources whose `val` split is read, one dataloader each, in the
 order given; Lightning hands the module the loader's index and `benchmark_names` turns it into the name the
 metrics are logged under. Without benchmarks the training source's held-out split is the single benchmark `val`.
+
+Each stage loads only what it uses: `fit` the training split and the benchmarks, `validate` and `test` the
+benchmarks alone, so scoring a model needs no training data (a source with `val_files` only is enough).
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from trapo_lightning.data.prompts import PromptTemplate
 from trapo_lightning.data.records import PromptBatch, StreamPosition
 from trapo_lightning.data.sources import DataSource, SyntheticSource
 from trapo_lightning.data.stream import PromptStream
+from trapo_lightning.errors import ConfigError, DataError
 from trapo_lightning.metrics import HELD_OUT
 from trapo_lightning.models.sources import PolicySource
 
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_TRAIN = "train"
+_STAGES_WITH_TRAINING = ("fit",)
+_STAGES_WITH_BENCHMARKS = ("fit", "validate", "test")
 
 
 class TrapoDataModule(L.LightningDataModule):
@@ -76,33 +83,42 @@ class TrapoDataModule(L.LightningDataModule):
         self._resume_position: StreamPosition | None = None
 
     def setup(self, stage: str) -> None:
-        if self.streams:
+        """Loads the splits `stage` uses and that are not loaded yet: the training split for `fit`, the benchmarks
+        for `fit`, `validate` and `test` (`predict` is not supported and loads nothing)."""
+        wanted = [(_TRAIN, self.source)] if stage in _STAGES_WITH_TRAINING else []
+        wanted += list(self.benchmarks.items()) if stage in _STAGES_WITH_BENCHMARKS else []
+        wanted = [(name, source) for name, source in wanted if name not in self.streams]
+        if not wanted:
             return
         if self.policy is None:
-            raise ValueError("TrapoDataModule needs `policy` (the CLI links it from model.policy) for its tokenizer")
+            raise ConfigError("TrapoDataModule needs `policy` (the CLI links it from model.policy) for its tokenizer")
         tokenizer = self.policy.load_tokenizer()
+        for name, source in wanted:
+            self.streams[name] = self._load_stream(name, source, tokenizer)
+            if name == _TRAIN and self._resume_position is not None:
+                self.streams[_TRAIN].resume_from(self._resume_position)
+
+    def _load_stream(self, name: str, source: DataSource, tokenizer) -> PromptStream:
+        """The stream of the training split (`name` "train") or of one benchmark's `val` split."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        splits = [("train", self.source, "train", self.prompts_per_step, True)]
-        splits += [(name, source, "val", self.val_batch_size, False) for name, source in self.benchmarks.items()]
-        for name, source, split, batch_size, train in splits:
-            records, skipped = source.load(split)
-            if skipped:
-                rank_zero_warn(f"{name} data: skipped malformed rows by reason: {dict(skipped)}")
-            self._check_size(name, records, batch_size * world if train else world)
-            if not train and len(records) % world:
-                rank_zero_warn(
-                    f"{name}: {len(records)} problems over {world} ranks; each rank evaluates an equal share, so the "
-                    f"last {len(records) % world} are left out. Evaluate on a number of devices that divides it."
-                )
-            stream = PromptStream(
-                records, tokenizer, self.prompt, batch_size, self.max_prompt_tokens, self.max_response_tokens,
-                shuffle=train, drop_last=train, seed=self.seed, rank=rank, world_size=world,
+        train = name == _TRAIN
+        records, skipped = source.load("train" if train else "val")
+        if skipped:
+            rank_zero_warn(f"{name} data: skipped malformed rows by reason: {dict(skipped)}")
+        batch_size = self.prompts_per_step if train else self.val_batch_size
+        self._check_size(name, records, batch_size * world if train else world)
+        if not train and len(records) % world:
+            rank_zero_warn(
+                f"{name}: {len(records)} problems over {world} ranks; each rank evaluates an equal share, so the "
+                f"last {len(records) % world} are left out. Evaluate on a number of devices that divides it."
             )
-            stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
-            rank_zero_info(stream.summary(name, skipped))
-            self.streams[name] = stream
-        if self._resume_position is not None:
-            self.streams["train"].resume_from(self._resume_position)
+        stream = PromptStream(
+            records, tokenizer, self.prompt, batch_size, self.max_prompt_tokens, self.max_response_tokens,
+            shuffle=train, drop_last=train, seed=self.seed, rank=rank, world_size=world,
+        )
+        stream.skipped = Counter({f"invalid_{k}": v for k, v in skipped.items()})
+        rank_zero_info(stream.summary(name, skipped))
+        return stream
 
     # -- exact resume: Lightning stores this in every checkpoint and hands it back before training restarts ----------
     def on_before_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
@@ -118,8 +134,8 @@ class TrapoDataModule(L.LightningDataModule):
         if "train_position" not in state_dict:
             return
         self._resume_position = self._trained_position = StreamPosition.from_state_dict(state_dict["train_position"])
-        if "train" in self.streams:
-            self.streams["train"].resume_from(self._resume_position)
+        if _TRAIN in self.streams:
+            self.streams[_TRAIN].resume_from(self._resume_position)
 
     @property
     def benchmark_names(self) -> list[str]:
@@ -128,17 +144,22 @@ class TrapoDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check_size(split: str, records: list, needed: int) -> None:
-        if len(records) < needed:
-            raise ValueError(
-                f"the {split} split has {len(records)} usable records but one step across all ranks needs "
-                f"{needed}; add data or lower data.prompts_per_step / data.val_batch_size"
+        if len(records) >= needed:
+            return
+        if split == _TRAIN:
+            need = (
+                f"one step across all ranks needs {needed}; add training data (the source's train_files) or lower "
+                "data.prompts_per_step"
             )
+        else:
+            need = f"each of the {needed} ranks needs one; add problems (the source's val_files, or data.benchmarks)"
+        raise DataError(f"the {split} split has {len(records)} usable records but {need}")
 
     def transfer_batch_to_device(self, batch: PromptBatch, device, dataloader_idx: int) -> PromptBatch:
         return batch  # token ids as Python tuples; the training step builds its tensors on the device itself
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        return self._loader(_TRAIN)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One loader per benchmark, in `benchmark_names` order; just the loader when there is one."""

@@ -14,8 +14,9 @@ generation's final answer correct. The expert solution of a row is made from the
 The validation split (and a benchmark) needs `problem` and `answer` only.
 
 Files are read by their kind: `.jsonl`, `.parquet`, or a folder written by `Dataset.save_to_disk`. Rows are
-validated as in every other source (trapo_lightning/data/sources.py): problem and answer by `record_from_row`, and
-a malformed row names where it is and the field, or is counted per reason with `skip_invalid`.
+validated as in every other source (trapo_lightning/data/sources.py): problem and answer by `record_from_row`, the
+answer parsed as the reward will (`unparseable_answer`), and a malformed row names where it is and the field, or
+is counted per reason with `skip_invalid`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from trapo_lightning.data.sources import (
     parquet_rows,
     record_from_row,
 )
+from trapo_lightning.errors import DataError
 from trapo_lightning.reward import last_boxed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -85,7 +87,7 @@ class OpenR1MathSource(RowSource):
             return parquet_rows(path)
         if path.suffix == ".jsonl":
             return jsonl_lines(path)
-        raise ValueError(f"{name}: expected a .jsonl or .parquet file, or a folder written by Dataset.save_to_disk")
+        raise DataError(f"{name}: expected a .jsonl or .parquet file, or a folder written by Dataset.save_to_disk")
 
     def _record(self, row: Any, where: str, train: bool) -> MathRecord:
         if isinstance(row, bytes):  # a JSONL line, decoded here so that a bad one is a bad row like any other

@@ -6,7 +6,9 @@
 reads the OpenR1-Math layout. A malformed row is an error that names where it is (`file:line` in JSONL,
 `file:row i` in tables, i counted from 0 as in `dataset[i]`) and the field, or, with `skip_invalid: true`, a
 counted skip with the reason; it never turns into an empty prompt or a silently zero reward later on. Every
-format goes through the same row validation (`record_from_row`), so the contract is the same whatever the format.
+format goes through the same row validation (`record_from_row`), so the contract is the same whatever the format,
+and every reference answer is parsed as the reward will parse it (trapo_lightning/data/answers.py): one it could
+never grade against is a malformed row too (`unparseable_answer`).
 
 Parquet and `datasets` are an optional extra (`pip install 'trapo-lightning[data]'`), imported only when used.
 """
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trapo_lightning.data.answers import AnswerCheck
 from trapo_lightning.data.records import MathRecord
 from trapo_lightning.data.synthetic import SyntheticArithmetic
+from trapo_lightning.errors import DataError, MissingExtraError
 from trapo_lightning.reward import last_boxed
 
 
@@ -63,7 +67,7 @@ class FieldMap:
     answer: str = "answer"
 
 
-class InvalidRecord(ValueError):
+class InvalidRecord(DataError):
     """A row that cannot be used; `reason` is the skip-counter key."""
 
     def __init__(self, where: str, reason: str, message: str) -> None:
@@ -72,7 +76,8 @@ class InvalidRecord(ValueError):
 
 
 class RowSource(DataSource):
-    """Rows of split files, each turned into a record; a bad row raises or, with `skip_invalid`, is counted."""
+    """Rows of split files, each turned into a record whose reference answer must parse; a bad row raises or, with
+    `skip_invalid`, is counted. Subclasses set `self.fields`, whose `answer` is the answer's key in the files."""
 
     def __init__(self, train_files: list[str] | None, val_files: list[str] | None, skip_invalid: bool) -> None:
         self.files = {"train": list(train_files or []), "val": list(val_files or [])}
@@ -81,15 +86,27 @@ class RowSource(DataSource):
     def load(self, split: str) -> tuple[list[MathRecord], Counter]:
         records: list[MathRecord] = []
         skipped: Counter = Counter()
-        for name in self.files[split]:
-            for where, row in self._rows(name):
-                try:
-                    records.append(self._record(row, where, train=split == "train"))
-                except InvalidRecord as bad:
-                    if not self.skip_invalid:
-                        raise
-                    skipped[bad.reason] += 1
+        answers = AnswerCheck()
+        try:
+            for name in self.files[split]:
+                for where, row in self._rows(name):
+                    try:
+                        record = self._record(row, where, train=split == "train")
+                        self._check_answer(record, answers)
+                        records.append(record)
+                    except InvalidRecord as bad:
+                        if not self.skip_invalid:
+                            raise
+                        skipped[bad.reason] += 1
+        finally:
+            answers.close()
         return records, skipped
+
+    def _check_answer(self, record: MathRecord, answers: AnswerCheck) -> None:
+        if (problem := answers.problem(record.answer)) is not None:
+            label = field_label(self.fields.answer, "answer")
+            shown = record.answer if len(record.answer) <= 80 else record.answer[:80] + "..."
+            raise InvalidRecord(record.source, "unparseable_answer", f"field {label} is \"{shown}\": {problem}")
 
     @abc.abstractmethod
     def _rows(self, name: str) -> Iterator[tuple[str, Any]]:
@@ -210,7 +227,7 @@ def dataset_rows(name: str, builder: str | None) -> Iterator[tuple[str, dict]]:
     if folder is not None:
         dataset = datasets.load_from_disk(str(folder))
         if isinstance(dataset, datasets.DatasetDict):
-            raise ValueError(
+            raise DataError(
                 f"{name} holds a DatasetDict with splits {list(dataset)}; give the folder of one split, e.g. "
                 f"{Path(name) / next(iter(dataset))}"
             )
@@ -225,7 +242,7 @@ def optional_import(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             f"{purpose} needs `{module.split('.')[0]}`, which is in the optional `data` extra: "
             "pip install 'trapo-lightning[data]'"
         ) from None
