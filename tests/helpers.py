@@ -65,8 +65,11 @@ class ScriptedGrader:
     micro-group i, handed out in order as the prompt's completions arrive (sampling grades each prompt's samples in
     micro-group order, whatever rounds it batches them in). Records every call's texts."""
 
-    def __init__(self, script: dict[str, list[list[float]]]) -> None:
+    def __init__(
+        self, script: dict[str, list[list[float]]], reward_range: tuple[float, float] | None = (0.0, 1.0)
+    ) -> None:
         self.script = script
+        self.reward_range = reward_range
         self.calls: list[list[tuple[str, str]]] = []
         self.graded: dict[str, int] = {}
 
@@ -100,3 +103,36 @@ def plain_forward_logprobs(policy, prompt_ids, new_ids, temperature) -> torch.Te
     start = len(prompt_ids) - 1  # position start + j predicts new token j
     steps = logits[start : start + len(new_ids)] / temperature  # [n, V]
     return torch.log_softmax(steps, dim=-1).gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)
+
+
+class LaggingEngine(RolloutEngine):
+    """An engine with its own copy of the policy's weights, like vLLM's, sampling through transformers' `generate`:
+    it lags the policy until `load_weights` (driven by `VLLMRolloutRefresh`) refreshes it. Stands in for vLLM where
+    the test is about what training does with off-policy samples, not about vLLM."""
+
+    def __init__(self) -> None:
+        from trapo_lightning.rollout import HFGenerateEngine
+
+        self.engine = HFGenerateEngine()
+        self.copy: torch.nn.Module | None = None
+        self.version = 0
+
+    def bind(self, policy: torch.nn.Module, eos_token_id, pad_token_id: int) -> None:
+        import copy
+
+        self.copy = copy.deepcopy(policy).eval()
+        self.engine.bind(self.copy, eos_token_id, pad_token_id)
+
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
+        return self.engine.generate(requests, params)
+
+    @property
+    def weights_version(self) -> int:
+        return self.version
+
+    @torch.no_grad()
+    def load_weights(self, weights, version: int) -> None:
+        own = dict(self.copy.named_parameters())
+        for name, tensor in weights:
+            own[name].copy_(tensor)
+        self.version = version

@@ -5,13 +5,16 @@ import math
 import pytest
 import torch
 
+from trapo_lightning.importance import RolloutCorrection
 from trapo_lightning.losses import (
     KLEstimator,
     LossNormalizer,
     PolicyLoss,
     SFTLoss,
     LossTerms,
+    TrapoLoss,
     clipped_policy_gradient,
+    gspo_policy_gradient,
     kl_penalty,
     luffy_shaped_sft,
     plain_sft,
@@ -213,6 +216,60 @@ def test_trapo_loss_clipped_by_hand():
     (grad,) = torch.autograd.grad(out.loss, logp)
     # as unclipped, but the clipped token (row 0 t 2) gets no gradient
     torch.testing.assert_close(grad, torch.tensor([[-1.0, -0.5, 0.0], [0.5, 1.0, 0.0]]) / 10.0)
+
+
+# GSPO, eps 0.2: row 0's sequence ratio is its one token's, s = 1.5 > 1.2 with A = +0.5: -min(0.75, 0.6) = -0.6,
+# clipped; row 1: s = exp((ln 1 + ln 2) / 2) = sqrt 2 = 1.414214 with A = -0.5: -min(-0.707107, -0.6) = 0.707107 on
+# each of its 2 tokens, unclipped, d / d logp = -A * s = 0.707107
+GSPO_POLICY_SUM = -0.6 + 2 * 0.5 * math.sqrt(2.0)
+
+
+def test_trapo_loss_gspo_by_hand():
+    logp, old_logp, entropy, advantages, expert_mask, policy_mask, _ = _hand_batch()
+    out = trapo_loss(
+        logp, old_logp, entropy, advantages, expert_mask, policy_mask, policy_loss="gspo", max_response_tokens=5,
+    )
+    torch.testing.assert_close(out.policy_loss, torch.tensor(GSPO_POLICY_SUM / 10.0))
+    torch.testing.assert_close(out.clip_fraction, torch.tensor(1.0 / 3.0))  # row 0's token: its sequence clipped
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    expected = torch.tensor([[-1.0, -0.5, 0.0], [0.5 * math.sqrt(2.0), 0.5 * math.sqrt(2.0), 0.0]]) / 10.0
+    torch.testing.assert_close(grad, expected)
+
+
+def test_gspo_without_clipping_weighs_every_token_by_its_sequence_ratio():
+    logp, old_logp, _, advantages, _, policy_mask, _ = _hand_batch()
+    terms = gspo_policy_gradient(logp, old_logp, advantages, policy_mask, eps_low=0.9, eps_high=0.9)
+    (grad,) = torch.autograd.grad((terms * policy_mask).sum(), logp)
+    # -A * s: row 0: -0.5 * 1.5 = -0.75; row 1: 0.5 * sqrt 2 on both tokens
+    expected = torch.tensor([[0.0, 0.0, -0.75], [0.5 * math.sqrt(2.0), 0.5 * math.sqrt(2.0), 0.0]])
+    torch.testing.assert_close(grad * policy_mask, expected)
+
+
+def test_the_loss_object_applies_the_rollout_correction_by_hand():
+    logp, old_logp, entropy, advantages, expert_mask, policy_mask, _ = _hand_batch()
+    # sampler log-probs making w = pi_old / pi_rollout = 3, 1, 0.5 at the policy tokens (padding: anything)
+    rollout_logp = old_logp - torch.tensor([[0.0, 0.0, math.log(3.0)], [0.0, math.log(0.5), 0.0]])
+    loss = TrapoLoss(rollout_correction=RolloutCorrection(level="token", mode="truncate", cap=2.0))
+    out = loss(logp, old_logp, entropy, advantages, expert_mask, policy_mask, rollout_logp=rollout_logp,
+               max_response_tokens=5)
+    # truncated weights 2, 1, 0.5 on the unclipped terms -0.75, 0.5, 1.0: -1.5 + 0.5 + 0.5 = -0.5
+    torch.testing.assert_close(out.policy_loss, torch.tensor(-0.5 / 10.0))
+    torch.testing.assert_close(out.rollout_is_mean, torch.tensor(3.5 / 3.0))
+    torch.testing.assert_close(out.rollout_is_rejected, torch.tensor(1.0 / 3.0))
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, -0.5, -1.5], [0.5, 0.5, 0.0]]) / 10.0)
+    # without the sampler's log-probs the correction cannot run
+    with pytest.raises(ValueError, match="rollout_logp"):
+        loss(logp, old_logp, entropy, advantages, expert_mask, policy_mask, max_response_tokens=5)
+
+
+def test_the_loss_object_without_options_is_trapo_loss_with_the_papers_defaults():
+    logp, old_logp, entropy, advantages, expert_mask, policy_mask, _ = _hand_batch()
+    ours = TrapoLoss()(logp, old_logp, entropy, advantages, expert_mask, policy_mask, max_response_tokens=5)
+    reference = trapo_loss(logp, old_logp, entropy, advantages, expert_mask, policy_mask, max_response_tokens=5)
+    for got, expected in zip(ours, reference):
+        assert torch.equal(got, expected)
+    assert TrapoLoss().trust_region_alpha == 0.1 and TrapoLoss().entropy_coef == 0.001 and TrapoLoss().kl_coef == 0
 
 
 @pytest.mark.parametrize(

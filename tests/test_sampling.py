@@ -186,6 +186,41 @@ def test_decided_micro_groups_follow_the_bounds_of_the_mean():
     assert decided_micro_groups(NoGuidance(8), [], 0) == [(0, 0.0)]
 
 
+def test_the_look_ahead_uses_the_graders_declared_reward_range():
+    rule = MicroGroupGuidance()
+    # 2/4 = 0.5 is not < 0.5: micro-group 1 unguided. With rewards in [0, 1] micro-group 2 is settled: its mean lies
+    # in [2/6, 4/6] < 0.7, guided at 0.5, and so is micro-group 3 (at most 5/7 < 0.9). With rewards up to 2 it is
+    # not: (2 + 2 x 2) / 6 = 1 >= 0.7.
+    assert decided_micro_groups(rule, [1, 1, 0, 0], 1, (0.0, 1.0)) == [(1, 0.0), (2, 0.5), (3, 1.0)]
+    assert decided_micro_groups(rule, [1, 1, 0, 0], 1, (0.0, 2.0)) == [(1, 0.0)]
+    # no declared range: one micro-group at a time
+    assert decided_micro_groups(rule, [1, 0, 0, 0], 1, None) == [(1, 0.25)]
+
+
+def test_a_reward_in_a_wider_range_gets_the_sequential_rule_s_decisions(tokenizer):
+    """Prompt p3's second micro-group earns 2 (a grader with a bonus, range [0, 2]): the mean of its first six
+    rewards is (1 + 1 + 0 + 0 + 2 + 2) / 6 = 1 >= 0.7, so micro-group 2 is unguided. Looking ahead as if rewards
+    were in [0, 1] would have guided it (at most 4/6 < 0.7)."""
+    records = [r for r in make_records(tokenizer) if r.answer == "p3"]
+    engine = ScriptedEngine(continuation(tokenizer))
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    grader = ScriptedGrader({"p3": [[1, 1, 0, 0], [2, 2], [1], [1]]}, reward_range=(0.0, 2.0))
+    (row,) = sample_micro_groups(records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer),
+                                 SamplingParams(), MAX_RESPONSE_TOKENS)
+    # mg 3: (6 + 1) / 7 = 1 >= 0.9, unguided too
+    assert [s.prefix_ratio for s in row] == [0.0] * 8
+
+
+def test_a_reward_outside_the_declared_range_is_an_error(tokenizer):
+    records = [r for r in make_records(tokenizer) if r.answer == "p3"]
+    engine = ScriptedEngine(continuation(tokenizer))
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    grader = ScriptedGrader({"p3": [[1, 1, 0, 0], [2, 2], [1], [1]]}, reward_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"the reward gave 2 .* outside the range it declares, \(0.0, 1.0\)"):
+        sample_micro_groups(records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer),
+                            SamplingParams(), MAX_RESPONSE_TOKENS)
+
+
 def test_a_continuation_cut_by_the_budget_is_not_finished(tokenizer):
     # The 0.25 prefix leaves room for exactly the two digits, not for the EOS.
     budget = PREFIX_25_TOKENS + 2

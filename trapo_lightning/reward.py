@@ -235,6 +235,9 @@ class MathVerifyReward:
     Safe to call from any thread; see the module docstring for how each check's time is bounded.
     """
 
+    reward_range = (0.0, 1.0)
+    """Every reward is 0 or 1: sampling may settle later micro-groups' guidance early (`sampling`)."""
+
     def __init__(self, timeout_s: float = 5.0, max_completion_chars: int = 20000, isolate: bool = True) -> None:
         """
         Args:

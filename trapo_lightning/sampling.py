@@ -85,7 +85,13 @@ def sample_micro_groups(
     params: SamplingParams,
     max_response_tokens: int,
 ) -> list[list[Sample]]:
-    """All G samples of every prompt, in micro-group order: `result[p]` holds prompt p's samples."""
+    """All G samples of every prompt, in micro-group order: `result[p]` holds prompt p's samples.
+
+    A grader that declares `reward_range = (low, high)` (`MathVerifyReward`: 0 and 1) lets settled micro-groups go
+    out early (`decided_micro_groups`), and a reward outside its range is an error; one that declares none is
+    sampled micro-group by micro-group.
+    """
+    reward_range = getattr(grade, "reward_range", None)
     samples: list[list[Sample]] = [[] for _ in records]
     next_group = [0] * len(records)
     round_index = 0
@@ -94,23 +100,28 @@ def sample_micro_groups(
         for p, row in enumerate(samples):
             if next_group[p] == len(guidance.micro_groups):
                 continue
-            decided = decided_micro_groups(guidance, [s.reward for s in row], next_group[p])
+            decided = decided_micro_groups(guidance, [s.reward for s in row], next_group[p], reward_range)
             for index, ratio in decided:
                 jobs += [(p, index, ratio)] * guidance.micro_groups[index].size
             next_group[p] = decided[-1][0] + 1
         round_params = params if params.seed is None else replace(params, seed=derive_seed(params.seed, round_index))
         for sample in _sample_jobs(records, jobs, engine, grade, prefixer, round_params, max_response_tokens):
+            _check_reward(sample, reward_range, records)
             samples[sample.prompt_index].append(sample)
         round_index += 1
     return samples
 
 
-def decided_micro_groups(guidance: GuidanceRule, prior: Sequence[float], start: int) -> list[tuple[int, float]]:
+def decided_micro_groups(
+    guidance: GuidanceRule, prior: Sequence[float], start: int, reward_range: tuple[float, float] | None = (0.0, 1.0)
+) -> list[tuple[int, float]]:
     """`(micro-group, prefix ratio)` of micro-group `start` and of the later ones already decided.
 
     Micro-group `start` is decided by the `prior` rewards (all of its earlier samples). A later one is decided when
-    the rule gives the same ratio whether every pending rollout scores 0 or 1; for a rule on the mean of the earlier
-    rewards (`GuidanceRule.thresholds_mean_reward`) every score in between then gives it too.
+    the rule gives the same ratio whether every pending rollout scores the lowest or the highest reward of
+    `reward_range`; for a rule on the mean of the earlier rewards (`GuidanceRule.thresholds_mean_reward`) every
+    score in between then gives it too. That holds only for rewards inside the range: without a declared range
+    (None) nothing is looked ahead, and micro-groups go one at a time.
     """
     micro_groups = guidance.micro_groups
 
@@ -118,16 +129,26 @@ def decided_micro_groups(guidance: GuidanceRule, prior: Sequence[float], start: 
         return float(guidance.prefix_ratios(index, torch.tensor([list(rewards)], dtype=torch.float32)))  # [1, k]
 
     decided = [(start, ratio(start, prior))]
-    if not guidance.thresholds_mean_reward:
+    if not guidance.thresholds_mean_reward or reward_range is None:
         return decided
+    lowest, highest = reward_range
     pending = micro_groups[start].size
     for index in range(start + 1, len(micro_groups)):
-        low, high = ratio(index, [*prior, *[0.0] * pending]), ratio(index, [*prior, *[1.0] * pending])
+        low, high = ratio(index, [*prior, *[lowest] * pending]), ratio(index, [*prior, *[highest] * pending])
         if low != high:
             break
         decided.append((index, low))
         pending += micro_groups[index].size
     return decided
+
+
+def _check_reward(sample: Sample, reward_range: tuple[float, float] | None, records: Sequence[PromptRecord]) -> None:
+    if reward_range is not None and not reward_range[0] <= sample.reward <= reward_range[1]:
+        raise ValueError(
+            f"the reward gave {sample.reward} for a completion of {records[sample.prompt_index].source or 'a prompt'}, "
+            f"outside the range it declares, {reward_range}; guidance decisions that look ahead rely on it. Fix the "
+            "reward, or declare its true range (reward_range) or none (None: micro-groups are then sampled one by one)"
+        )
 
 
 def _sample_jobs(records, jobs, engine, grade, prefixer, params, max_response_tokens) -> list[Sample]:
