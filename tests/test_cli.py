@@ -230,3 +230,16 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch, bug):
     monkeypatch.setattr("trapo_lightning.cli.run_command", run_command)
     with pytest.raises(type(bug)):
         main(["fit"])
+
+
+@pytest.mark.parametrize("where", ["command line", "config file"])
+def test_a_loss_setting_under_its_old_key_names_the_new_one(in_tmp, capsys, where):
+    if where == "command line":
+        args = ["fit", "--config", str(TINY), "--model.sft_loss", "plain"]
+    else:
+        old = in_tmp / "old.yaml"
+        old.write_text("model:\n  loss_normalizer: token_mean\n")
+        args = ["fit", "--config", str(TINY), "--config", str(old)]
+    line = one_line_error(capsys, args)
+    key, new = ("sft_loss", "sft") if where == "command line" else ("loss_normalizer", "normalizer")
+    assert f"model.{key} (in " in line and f"write it as model.loss.init_args.{new}" in line

@@ -30,6 +30,7 @@ import sys
 import warnings
 from typing import Literal
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -54,11 +55,23 @@ _MODULE_CLIPS = {
 }
 
 
+# The loss settings that moved from `model.*` into `model.loss.init_args.*` (issue 12): old key -> new name.
+MOVED_TO_LOSS = {
+    "sft_loss": "sft", "trust_region_alpha": "trust_region_alpha", "policy_loss": "policy",
+    "clip_eps_low": "clip_eps_low", "clip_eps_high": "clip_eps_high", "kl_coef": "kl_coef",
+    "kl_estimator": "kl_estimator", "entropy_coef": "entropy_coef", "loss_normalizer": "normalizer",
+}
+
+
 class TrapoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.policy", "data.policy")
         parser.link_arguments("model.max_prompt_tokens", "data.max_prompt_tokens")
         parser.link_arguments("model.max_response_tokens", "data.max_response_tokens")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        refuse_moved_keys(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         trainer = self._get(self.config, "trainer")
@@ -91,6 +104,39 @@ class ExportCLI(TrapoCLI):
         # Only the policy source: the architecture and tokenizer come from it, the weights from the checkpoint.
         with _refused_values_are_config_errors():
             self.policy = _instantiate_policy(self.config.model.policy)
+
+
+def refuse_moved_keys(args) -> None:
+    """A `ConfigError` naming the new key for any loss setting still written as `model.<key>`, on the command line
+    or in a `--config` file (jsonargparse alone would only say the key is unexpected)."""
+    if not isinstance(args, (list, tuple)):
+        return
+    found: list[tuple[str, str]] = []  # (where, old key)
+    for index, arg in enumerate(args):
+        name, _, value = str(arg).partition("=")
+        if name.startswith("--model.") and name.removeprefix("--model.") in MOVED_TO_LOSS:
+            found.append(("the command line", name.removeprefix("--model.")))
+        elif name == "--config":
+            path = value or (args[index + 1] if index + 1 < len(args) else "")
+            found += [(path, key) for key in _moved_keys_in(path)]
+    if found:
+        where, key = found[0]
+        raise ConfigError(
+            f"model.{key} (in {where}) moved into the loss object: write it as model.loss.init_args."
+            f"{MOVED_TO_LOSS[key]} (with model.loss.class_path trapo_lightning.losses.TrapoLoss); see README's config "
+            "section and CHANGELOG"
+        )
+
+
+def _moved_keys_in(path: str) -> list[str]:
+    """Old loss keys under `model:` in a YAML config file (nothing if it cannot be read: the parser says why)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return []
+    model = config.get("model") if isinstance(config, dict) else None
+    return [key for key in MOVED_TO_LOSS if isinstance(model, dict) and key in model]
 
 
 @contextlib.contextmanager
