@@ -22,7 +22,9 @@ averaged over sequences, so the loss scale depends neither on how many tokens a 
 it is split for gradient accumulation. `token_mean` divides by the batch's loss-token count instead. The entropy
 bonus is a token mean over the loss tokens. When one optimizer step is split into micro-batches, pass the step's
 totals (`num_sequences`, `num_loss_tokens`): every term is then divided by the whole step's count, so the
-micro-batch losses add up exactly to the full-batch loss, entropy bonus and `token_mean` included.
+micro-batch losses add up exactly to the full-batch loss, entropy bonus and `token_mean` included. When ranks each
+hold a share of the step, pass the mean over ranks of those counts: data-parallel training averages the ranks'
+gradients, so each rank's sum divided by the mean count averages to the sum over all ranks divided by the total.
 """
 
 from enum import Enum
@@ -283,8 +285,8 @@ def trapo_loss(
     entropy_coef: float = 0.001,
     normalizer: LossNormalizer = LossNormalizer.constant,
     max_response_tokens: int = 8192,
-    num_sequences: Optional[int] = None,
-    num_loss_tokens: Optional[int] = None,
+    num_sequences: Optional[float] = None,
+    num_loss_tokens: Optional[float] = None,
 ) -> LossTerms:
     """The TRAPO loss of a batch; token tensors `[B, T]` (float32 / bool masks), advantages `[B]`.
 
@@ -292,7 +294,8 @@ def trapo_loss(
     RL term is multiplied by its weight.
 
     `num_sequences` / `num_loss_tokens`: the whole optimizer step's sequence and loss-token counts when this call
-    sees one micro-batch of it (default: this batch's own), so that micro-batch losses sum to the step's loss.
+    sees one micro-batch of it (default: this batch's own), so that micro-batch losses sum to the step's loss; the
+    mean over ranks of the counts when ranks share the step (module docstring).
 
     Expert and policy masks are expected to be disjoint (see `masks.response_masks`). The KL stat is reported
     whenever ref_logp is given, even with kl_coef = 0, so the drift from the reference can be watched.
@@ -404,8 +407,8 @@ class TrapoLoss:
         max_response_tokens: int,
         ref_logp: Optional[Tensor] = None,
         rollout_logp: Optional[Tensor] = None,
-        num_sequences: Optional[int] = None,
-        num_loss_tokens: Optional[int] = None,
+        num_sequences: Optional[float] = None,
+        num_loss_tokens: Optional[float] = None,
     ) -> LossTerms:
         """`trapo_loss` with these settings; `rollout_logp` `[B, T]` (the sampler's log-probs) feeds the rollout
         correction, when there is one."""

@@ -48,7 +48,17 @@ from trapo_lightning.seeding import capture_rng_states, derive_seed, restore_rng
 from trapo_lightning.timing import PhaseTimer
 from trapo_lightning.shaping import DapoShaping, uniform_groups
 from trapo_lightning.sharding import GatheredRollout, mixed_precision_policy
-from trapo_lightning.update import Accumulated, MicroBatching, OldLogpSource, RolloutBatch, accumulate, old_logprobs, update_rows
+from trapo_lightning.update import (
+    Accumulated,
+    MicroBatching,
+    OldLogpSource,
+    RolloutBatch,
+    Totals,
+    accumulate,
+    loss_tokens,
+    old_logprobs,
+    update_rows,
+)
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -218,16 +228,11 @@ class TrapoModule(L.LightningModule):
         self.policy.config.use_cache = False  # training forwards need no KV cache; generate turns it on itself
         if self.activation_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        reference = load().requires_grad_(False).eval() if self._reference_needed() else None
-        if self.device_mesh is None:
-            self.reference = reference
-        else:  # ModelParallelStrategy: FSDP2 per decoder layer (trapo_lightning/sharding.py)
-            # A plain attribute, not a submodule: the strategy loads a checkpoint into every registered parameter
-            # and reads the state dict from them, while checkpoints leave the reference out (it is the policy folder).
-            del self.reference
-            object.__setattr__(self, "reference", reference)
-            if self.rollout.weights_version is None:  # samples the policy itself: gather it around each rollout
-                self.rollout = GatheredRollout(self.rollout)
+        # Never a submodule, sharded or not: its weights are the policy folder's, so checkpoints leave it out and
+        # the strategy must neither load nor save it; it is loaded where and in the dtype the policy computes.
+        object.__setattr__(self, "reference", self._load_reference() if self._reference_needed() else None)
+        if self.device_mesh is not None and self.rollout.weights_version is None:
+            self.rollout = GatheredRollout(self.rollout)  # samples the sharded policy itself: gathered around rollouts
         self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         self.prefixer = ExpertPrefixer(self.tokenizer, self.prefix_cut)
 
@@ -239,6 +244,13 @@ class TrapoModule(L.LightningModule):
             self.policy_source.resolve(), self.device_mesh, self.trainer.strategy.root_device,
             mixed_precision_policy(self.trainer.precision),
         )
+
+    def _load_reference(self) -> torch.nn.Module:
+        reference = self._load_model().requires_grad_(False).eval()
+        if self.device_mesh is not None or self._trainer is None:
+            return reference  # FSDP2's mixed-precision policy sets its compute dtype (`mixed_precision_policy`)
+        half = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(self.trainer.precision)
+        return reference.to(device=self.trainer.strategy.root_device, dtype=half)
 
     def _reference_needed(self) -> bool:
         """The frozen reference only serves the KL term: load it when kl_coef is set or a callback may set it."""
@@ -258,10 +270,6 @@ class TrapoModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is the unchanged starting weights, reloadable from the policy folder: don't store it twice.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
         checkpoint[_STATE_KEY] = {
             "rollout_seed": self.rollout_seed,
             "train_batches": self.train_batches,
@@ -271,8 +279,6 @@ class TrapoModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None and "state_dict" in checkpoint:  # ModelParallelStrategy loads weights itself
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         if _STATE_KEY in checkpoint:
             state = checkpoint[_STATE_KEY]
             self.rollout_seed = state["rollout_seed"]
@@ -397,7 +403,7 @@ class TrapoModule(L.LightningModule):
                 "(e.g. AdaptiveKL)"
             )
         accumulated = accumulate(
-            data, rows, micro, self.loss, self.max_response_tokens, self._policy_logprobs,
+            data, rows, self._totals(data, rows), micro, self.loss, self.max_response_tokens, self._policy_logprobs,
             self._reference_logprobs if self.loss.kl_coef != 0 else None, self.manual_backward, self.device, timer,
         )
         with timer.phase("optimizer"):
@@ -414,6 +420,13 @@ class TrapoModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # the bad gradients never reach the weights or Adam's moments
             self._report_nonfinite(action, loss, grad_norm)
         return accumulated, grad_norm
+
+    def _totals(self, data: RolloutBatch, rows: list[int]) -> Totals:
+        """The update's sequence and loss-token counts, averaged over ranks (a collective: every rank calls it once
+        per update), so a token mean or the entropy bonus is over all ranks' tokens, not each rank's own."""
+        counts = torch.tensor([len(rows), loss_tokens(data, rows)], dtype=torch.float64, device=self.device)
+        mean = self.trainer.strategy.reduce(counts, reduce_op="mean").tolist()
+        return Totals(*mean)
 
     def _report_nonfinite(self, action: StepAction, loss: float, grad_norm: float) -> None:
         where = f"training batch {self.train_batches - 1} (optimizer step {self.global_step})"

@@ -61,6 +61,13 @@ class MicroBatching:
                              self.micro_batch_size, self.max_tokens)
 
 
+class Totals(NamedTuple):
+    """What one update's losses are normalised by: its sequences and loss tokens, as the mean over ranks."""
+
+    num_sequences: float
+    num_loss_tokens: float
+
+
 class Accumulated(NamedTuple):
     """What one update's forward and backward produced."""
 
@@ -108,6 +115,7 @@ def loss_tokens(data: RolloutBatch, rows: Sequence[int]) -> int:
 def accumulate(
     data: RolloutBatch,
     rows: list[int],
+    totals: Totals,
     micro: MicroBatching,
     loss: TrapoLoss,
     max_response_tokens: int,
@@ -117,9 +125,9 @@ def accumulate(
     device: torch.device,
     timer: PhaseTimer,
 ) -> Accumulated:
-    """Forward and backward of one optimizer step over `rows` of the rollout batch (gradients accumulate)."""
+    """Forward and backward of one optimizer step over `rows` of the rollout batch (gradients accumulate), its
+    losses normalised by `totals` (the update's counts over all ranks, `Totals`)."""
     subset = [data.samples[i] for i in rows]
-    totals = dict(num_sequences=len(rows), num_loss_tokens=loss_tokens(data, rows))
     losses, mismatch, policy_tokens, forwarded = [], 0.0, 0, 0
     for local in micro.plan(subset):
         chunk_rows = [rows[i] for i in local]
@@ -134,7 +142,7 @@ def accumulate(
         terms = loss(
             logp, logp.detach() if chunk.old_logp is None else chunk.old_logp, entropy, chunk.advantages,
             chunk.expert_mask, chunk.policy_mask, ref_logp=ref_logp, rollout_logp=chunk.rollout_logp,
-            max_response_tokens=max_response_tokens, **totals,
+            max_response_tokens=max_response_tokens, **totals._asdict(),
         )
         with timer.phase("backward"):
             backward(terms.loss)
