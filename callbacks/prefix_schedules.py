@@ -9,7 +9,7 @@ run through one sampling code path:
 - `FixedPrefix`: every prompt gets `guided_samples` rollouts from a prefix of fixed ratio.
 - `CosineHint`: UFT-style hint, a prefix ratio cosine-annealed from 0.95 to 0.05 over `anneal_steps`, then 0.
   (UFT samples the hint length from Binomial(L, p(t)); we use its mean p(t), so the schedule is deterministic.)
-- `LuffyGuidance`: LUFFY's G - 1 on-policy rollouts + 1 full expert trace (pair with `model.sft_loss: luffy`).
+- `LuffyGuidance`: LUFFY's G - 1 on-policy rollouts + 1 full expert trace (pair with `model.loss.init_args.sft: luffy`).
 - `NoGuidanceSchedule`: plain GRPO.
 - `SFTOnly`: one full expert trace per prompt and nothing sampled (pair with `model.sft_loss: plain` for SFT).
 Only one prefix schedule may be in a run; without one, the module's own `guidance` argument applies.

@@ -133,3 +133,29 @@ def test_arguments_are_documented_for_the_cli_help():
     assert "rollouts per micro-group" in help_text
     assert "mean reward of all earlier samples" in help_text
     assert "fraction of the expert solution" in help_text
+
+
+def test_the_count_rule_of_the_released_code():
+    from trapo_lightning.guidance import CorrectCountGuidance
+
+    rule = CorrectCountGuidance()
+    four, six, seven = (torch.tensor([rows], dtype=torch.float32) for rows in (
+        [1, 1, 0, 0], [1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 1, 1, 1]))
+    # after 4 samples, 2 correct: not < 2 -> unguided (mean 0.5 is not < 0.5 either: the rules agree)
+    assert rule.prefix_ratios(1, four).tolist() == [0.0]
+    # after 6, 4 correct: not < 4 -> unguided, where the paper's mean rule (4/6 = 0.667 < 0.7) guides at 0.5
+    assert rule.prefix_ratios(2, six).tolist() == [0.0]
+    assert MicroGroupGuidance().prefix_ratios(2, six).tolist() == [0.5]
+    # after 7, 5 correct < 7 -> the whole solution
+    assert rule.prefix_ratios(3, seven).tolist() == [1.0]
+    # 1 of 4 correct < 2 -> 0.25
+    assert rule.prefix_ratios(1, torch.tensor([[0.0, 1.0, 0.0, 0.0]])).tolist() == [0.25]
+    assert rule.monotone_in_rewards and rule.group_size == 8
+
+
+@pytest.mark.parametrize("min_correct", [(1, 2, 4, 7), (0, 5, 4, 7), (0, 2, 4, -1)])
+def test_the_count_rule_refuses_counts_beyond_the_earlier_samples(min_correct):
+    from trapo_lightning.guidance import CorrectCountGuidance
+
+    with pytest.raises(ValueError, match="min_correct"):
+        CorrectCountGuidance(min_correct=min_correct)

@@ -16,6 +16,7 @@ from trapo_lightning.losses import (
     clipped_policy_gradient,
     gspo_policy_gradient,
     kl_penalty,
+    luffy_off_policy,
     luffy_shaped_sft,
     plain_sft,
     trapo_loss,
@@ -276,7 +277,9 @@ def test_the_loss_object_without_options_is_trapo_loss_with_the_papers_defaults(
     ("sft_loss", "expected_sft_sum"),
     [
         ("plain", LN2 + math.log(20.0)),  # -ln 0.5 - ln 0.05 = 0.693147 + 2.995732
-        ("luffy", -0.5 / 0.6 - 0.05 / 0.15),  # -0.5 / (0.5 + 0.1) - 0.05 / (0.05 + 0.1) = -0.833333 - 0.333333
+        ("luffy_shaping", -0.5 / 0.6 - 0.05 / 0.15),  # -0.5 / (0.5 + 0.1) - 0.05 / (0.05 + 0.1) = -0.833333 - 0.333333
+        # LUFFY: the expert row 0 has advantage 0.5: 0.5 x (-0.833333 - 0.333333) = -0.583333
+        ("luffy", 0.5 * (-0.5 / 0.6 - 0.05 / 0.15)),
     ],
 )
 def test_trapo_loss_sft_variants(sft_loss, expected_sft_sum):
@@ -287,6 +290,16 @@ def test_trapo_loss_sft_variants(sft_loss, expected_sft_sum):
     )  # fmt: skip
     torch.testing.assert_close(out.sft_loss, torch.tensor(expected_sft_sum / 5.0))
     torch.testing.assert_close(out.loss, torch.tensor((expected_sft_sum + POLICY_SUM) / 5.0))
+
+
+def test_luffy_weights_its_shaped_off_policy_term_by_the_advantage():
+    logp = _logp(0.5, 0.05)
+    advantages = torch.tensor([-2.0])
+    value, grad = _value_and_grad(lambda x: luffy_off_policy(x, advantages), logp)
+    # -A * p / (p + 0.1): 2 * 0.5 / 0.6 = 1.666667, 2 * 0.05 / 0.15 = 0.666667 (a negative advantage pushes p down)
+    torch.testing.assert_close(value, torch.tensor([[2.0 * 0.5 / 0.6, 2.0 * 0.05 / 0.15]]))
+    # d / d log p = -A * p * 0.1 / (p + 0.1)^2: 2 * 0.05 / 0.36 = 0.277778, 2 * 0.005 / 0.0225 = 0.444444
+    torch.testing.assert_close(grad, torch.tensor([[2.0 * 0.05 / 0.36, 2.0 * 0.005 / 0.0225]]))
 
 
 def test_trapo_loss_without_loss_tokens():

@@ -6,9 +6,10 @@ the micro-group's rollouts continue an expert prefix of ratio L_i; otherwise the
 arrives only where the policy is failing, and grows (L = 0.25, 0.5, 1.0) the longer it keeps failing.
 
 Choices:
-- Thresholds are compared as `mean < t` (the paper's form). The reference code's integer form agrees after 4
-  samples (correct < 2) and after 7 (correct < 7) but not after 6: it guides when correct < 4, while
-  mean < 0.7 also guides at exactly 4 of 6 (0.667). We follow the paper.
+- `MicroGroupGuidance` compares `mean < t` (the paper's text, the default). The released code counts correct
+  samples instead (`CorrectCountGuidance`: after 4, guide if correct < 2; after 6, if correct < 4; after 7, if
+  correct < 7). The two agree after 4 and 7 samples but not after 6: mean < 0.7 guides at exactly 4 of 6 (0.667),
+  correct < 4 does not. The paper's numbers came from the released code, so from the count rule.
 - The mean over zero earlier samples is defined as 0.0, so a first micro-group with threshold -1 is never
   guided, and one with a positive threshold is always guided.
 - The rule is a pure function of rewards so the rollout loop can call it between micro-groups, and an ablation
@@ -63,9 +64,10 @@ class GuidanceRule(abc.ABC):
     def micro_groups(self) -> tuple[MicroGroup, ...]:
         """The micro-groups in sampling order."""
 
-    thresholds_mean_reward: bool = False
-    """True when each micro-group's decision is a threshold on the mean of the earlier rewards (so it is settled
-    once both extremes of the pending rewards agree); lets sampling batch settled micro-groups into one round."""
+    monotone_in_rewards: bool = False
+    """True when each micro-group's decision is a threshold on a statistic that never decreases as any earlier
+    reward grows (their mean, the count of correct ones): it is then settled once both extremes of the pending
+    rewards agree, which lets sampling batch settled micro-groups into one round."""
 
     @property
     def group_size(self) -> int:
@@ -95,7 +97,7 @@ class GuidanceRule(abc.ABC):
 class MicroGroupGuidance(GuidanceRule):
     """TRAPO's adaptive guidance: micro-groups with reward thresholds and growing expert-prefix ratios."""
 
-    thresholds_mean_reward = True
+    monotone_in_rewards = True
 
     def __init__(
         self,
@@ -157,3 +159,61 @@ class NoGuidance(GuidanceRule):
     def prefix_ratios(self, index: int, prior_rewards: Tensor) -> Tensor:
         self._check_call(index, prior_rewards)
         return torch.zeros(prior_rewards.shape[0], dtype=torch.float32, device=prior_rewards.device)
+
+
+def correct_count_prefix_ratios(prior_rewards: Tensor, min_correct: int, prefix_ratio: float) -> Tensor:
+    """Prefix ratio of one micro-group for each prompt under the count rule.
+
+    Args:
+        prior_rewards: `[P, k]` rewards of the k earlier samples of each prompt; a reward >= 1 is a correct sample.
+        min_correct: guide a prompt when fewer than this many earlier samples are correct.
+        prefix_ratio: the expert-prefix ratio given to guided prompts.
+
+    Returns:
+        `[P]` float32: `prefix_ratio` for guided prompts, 0.0 for unguided ones.
+    """
+    if prior_rewards.dim() != 2:
+        raise ValueError(f"prior_rewards must be [P, k], got shape {tuple(prior_rewards.shape)}")
+    correct = (prior_rewards >= 1.0).sum(dim=1)  # [P]
+    return torch.where(correct < min_correct, prefix_ratio, 0.0).to(torch.float32)
+
+
+class CorrectCountGuidance(GuidanceRule):
+    """TRAPO's micro-groups with the released code's integer rule: guide micro-group i when fewer than
+    `min_correct[i]` earlier samples are correct (the code's `correct < 2 / 4 / 7` after 4 / 6 / 7 samples)."""
+
+    monotone_in_rewards = True
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (4, 2, 1, 1),
+        min_correct: Sequence[int] = (0, 2, 4, 7),
+        prefix_ratios: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+    ) -> None:
+        """Builds the micro-groups; the defaults are the released code's.
+
+        Args:
+            sizes: rollouts per micro-group, in sampling order; they sum to the group size G.
+            min_correct: guide micro-group i when fewer than min_correct[i] earlier samples are correct (0 never
+                guides); at most the number of earlier samples.
+            prefix_ratios: fraction of the expert solution given as prefix to a guided micro-group i, in [0, 1].
+        """
+        groups = MicroGroupGuidance(sizes, [0.0] * len(min_correct), prefix_ratios).micro_groups  # validates
+        earlier = 0
+        for index, (group, count) in enumerate(zip(groups, min_correct)):
+            if not 0 <= count <= earlier:
+                raise ValueError(
+                    f"min_correct[{index}] must be in [0, {earlier}] (the samples before micro-group {index}), "
+                    f"got {count}"
+                )
+            earlier += group.size
+        self._micro_groups = groups
+        self.min_correct = tuple(int(count) for count in min_correct)
+
+    @property
+    def micro_groups(self) -> tuple[MicroGroup, ...]:
+        return self._micro_groups
+
+    def prefix_ratios(self, index: int, prior_rewards: Tensor) -> Tensor:
+        micro_group = self._check_call(index, prior_rewards)
+        return correct_count_prefix_ratios(prior_rewards, self.min_correct[index], micro_group.prefix_ratio)

@@ -11,7 +11,10 @@ Per-token terms (each `[B, T]`, unmasked; one small function per variant, chosen
   gradient weight 1 / max(p, alpha) caps the pull of expert tokens the policy finds unlikely, which is what keeps
   SFT from collapsing exploration (paper ablation: plain SFT 32.3 vs TrSFT 56.6 math avg). The value, not only
   the gradient, follows the paper's piecewise form, so the logged SFT loss is the NLL inside the trust region.
-  Plain SFT (-log p) and LUFFY's shaping (-p / (p + gamma)) are the ablations.
+  Plain SFT (-log p) and LUFFY's shaping with A = 1 (-p / (p + gamma), `luffy_shaping`: the paper's ablation
+  "micro-groups + LUFFY shaping") are the ablations. LUFFY itself (`luffy`, the baseline) weights the shaped term
+  by the sample's own group advantage, in which the expert trace takes part: -A * p / (p + gamma) (LUFFY's
+  `off_policy_reshape: p_div_p_0.1`, TRAPO.md "Losses").
 - RL on policy tokens: -A * pi / pi_old (the reference code: one optimizer step per rollout batch, ratio ~ 1,
   no clip), the PPO clipped form, or GSPO's clipped sequence-level ratio. old_logp and ref_logp are constants: they
   are detached here. w is the optional rollout importance weight (trapo_lightning/importance.py), 1 without it.
@@ -42,6 +45,7 @@ class SFTLoss(str, Enum):
 
     trust_region = "trust_region"
     plain = "plain"
+    luffy_shaping = "luffy_shaping"
     luffy = "luffy"
 
 
@@ -186,11 +190,18 @@ def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
 # old_logp = -1e9) cannot overflow into inf and come back as 0 * inf = nan through torch.where's backward.
 
 
-def _sft_sum(logp: Tensor, expert_mask: Tensor, sft_loss: SFTLoss, alpha: float) -> Tensor:
+def luffy_off_policy(logp: Tensor, advantages: Tensor, gamma: float = 0.1) -> Tensor:
+    """LUFFY's off-policy term per token: -A * p / (p + gamma), `advantages` `[B]` broadcast over tokens;
+    d / d logp = -A * p * gamma / (p + gamma)^2."""
+    return advantages.detach()[:, None] * luffy_shaped_sft(logp, gamma)
+
+
+def _sft_sum(logp: Tensor, expert_mask: Tensor, sft_loss: SFTLoss, alpha: float, advantages: Tensor) -> Tensor:
     sft_terms = {
         SFTLoss.trust_region: partial(trust_region_sft, alpha=alpha),
         SFTLoss.plain: plain_sft,
-        SFTLoss.luffy: luffy_shaped_sft,
+        SFTLoss.luffy_shaping: luffy_shaped_sft,
+        SFTLoss.luffy: partial(luffy_off_policy, advantages=advantages),
     }[SFTLoss(sft_loss)]
     return _masked_sum(sft_terms(torch.where(expert_mask, logp, 0.0)), expert_mask)
 
@@ -306,7 +317,7 @@ def trapo_loss(
         max_response_tokens,
     )
     clip_eps = (clip_eps_low, clip_eps_high)
-    sft_sum = _sft_sum(logp, expert_mask, sft_loss, trust_region_alpha)
+    sft_sum = _sft_sum(logp, expert_mask, sft_loss, trust_region_alpha, advantages)
     policy_sum = _policy_sum(logp, old_logp, advantages, policy_mask, policy_loss, clip_eps, weights)
     kl_sum = _kl_sum(logp, ref_logp, policy_mask, kl_estimator)
 
@@ -368,7 +379,8 @@ class TrapoLoss:
     ) -> None:
         """
         Args:
-            sft: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL) or luffy (p / (p + 0.1)).
+            sft: Loss on expert-prefix tokens: trust_region (TrSFT), plain (NLL), luffy (LUFFY's -A * p / (p + 0.1),
+                A the sample's group advantage) or luffy_shaping (-p / (p + 0.1), the paper's ablation: A = 1).
             trust_region_alpha: TrSFT threshold alpha: tokens with p < alpha get gradient weight p / alpha (paper: 0.1).
             policy: RL loss on the policy's tokens: unclipped (-A * ratio, the paper), clipped (PPO) or gspo
                 (GSPO's sequence-level ratio; use small clip eps, e.g. 3e-4 / 4e-4).

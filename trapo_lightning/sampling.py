@@ -119,7 +119,7 @@ def decided_micro_groups(
 
     Micro-group `start` is decided by the `prior` rewards (all of its earlier samples). A later one is decided when
     the rule gives the same ratio whether every pending rollout scores the lowest or the highest reward of
-    `reward_range`; for a rule on the mean of the earlier rewards (`GuidanceRule.thresholds_mean_reward`) every
+    `reward_range`; for a rule monotone in the earlier rewards (`GuidanceRule.monotone_in_rewards`) every
     score in between then gives it too. That holds only for rewards inside the range: without a declared range
     (None) nothing is looked ahead, and micro-groups go one at a time.
     """
@@ -129,7 +129,7 @@ def decided_micro_groups(
         return float(guidance.prefix_ratios(index, torch.tensor([list(rewards)], dtype=torch.float32)))  # [1, k]
 
     decided = [(start, ratio(start, prior))]
-    if not guidance.thresholds_mean_reward or reward_range is None:
+    if not guidance.monotone_in_rewards or reward_range is None:
         return decided
     lowest, highest = reward_range
     pending = micro_groups[start].size
