@@ -31,21 +31,20 @@ def build() -> TrainBatch:
     return build_train_batch(SAMPLES, ADVANTAGES, PAD)
 
 
-def test_prompts_are_left_padded_and_responses_start_at_the_same_column():
+def test_each_row_is_its_prompt_then_its_response_right_padded():
     batch = build()
-    # Wp = 5 (longest prompt), T = 5 (longest response)
+    # W = 10 (B: 5 prompt + 5 response tokens), T = 5 (longest response)
     expected = torch.tensor([
-        [PAD, PAD, 11, 12, 13, 21, 22, 23, 24, PAD],
+        [11, 12, 13, 21, 22, 23, 24, PAD, PAD, PAD],
         [31, 32, 33, 34, 35, 41, 42, 51, 52, 53],
         [31, 32, 33, 34, 35, 41, 42, 61, PAD, PAD],
         [31, 32, 33, 34, 35, 41, 42, 43, 44, PAD],
-        [PAD, PAD, 11, 12, 13, 71, 81, PAD, PAD, PAD],
+        [11, 12, 13, 71, 81, PAD, PAD, PAD, PAD, PAD],
     ])
     assert torch.equal(batch.input_ids, expected)
     assert torch.equal(batch.attention_mask, (expected != PAD).long())
+    assert batch.prompt_lengths.tolist() == [3, 5, 5, 5, 3]
     assert batch.response_width == 5
-    for row, s in enumerate(SAMPLES):
-        assert tuple(batch.input_ids[row, 5 : 5 + len(s.response_ids)].tolist()) == s.response_ids
 
 
 def test_position_ids_count_real_tokens_only():
@@ -53,16 +52,26 @@ def test_position_ids_count_real_tokens_only():
     for row, s in enumerate(SAMPLES):
         real = batch.attention_mask[row].bool()
         count = len(s.prompt_ids) + len(s.response_ids)
-        # the first real token is position 0 whatever the left padding, as in generation
-        assert batch.position_ids[row][real].tolist() == list(range(count))
-    # row A: two pads, then 7 real tokens at positions 0..6
-    assert batch.position_ids[0, 2:9].tolist() == [0, 1, 2, 3, 4, 5, 6]
+        assert batch.position_ids[row][real].tolist() == list(range(count))  # from 0, as in generation
 
 
-def test_targets_are_the_response_columns():
+def test_response_token_j_is_predicted_at_prompt_length_minus_one_plus_j():
     batch = build()
-    assert torch.equal(batch.targets, batch.input_ids[:, 5:])
+    # row A: prompt 3 tokens: columns 2, 3, 4, 5 predict its 4 response tokens; the 5th (padding) clamps to 6
+    assert batch.predicting_positions()[0].tolist() == [2, 3, 4, 5, 6]
+    # row B: prompt 5: columns 4..8; its last token sits at column 9 and predicts nothing
+    assert batch.predicting_positions()[1].tolist() == [4, 5, 6, 7, 8]
+    # row E: prompt 3, response 2
+    assert batch.predicting_positions()[4].tolist() == [2, 3, 4, 5, 6]
+    for row in range(5):  # the column after each predicting position holds the target
+        for j in range(int(batch.response_mask[row].sum())):
+            assert batch.input_ids[row, batch.predicting_positions()[row, j] + 1] == batch.targets[row, j]
+
+
+def test_targets_are_the_responses_right_padded():
+    batch = build()
     assert batch.targets.tolist()[2] == [41, 42, 61, PAD, PAD]
+    assert batch.response_mask.tolist()[2] == [True, True, True, False, False]
 
 
 def test_expert_mask_only_on_the_first_guided_sample_of_a_prompt_and_micro_group():
@@ -112,9 +121,9 @@ def test_a_micro_batch_keeps_the_step_wide_prefix_carrier():
     assert build_train_batch([SAMPLES[2]], ADVANTAGES[[2]], PAD).expert_mask.tolist() == [[True, True, False]]
 
 
-def test_a_micro_batch_is_as_wide_as_its_own_longest_rows():
-    batch = build_train_batch([SAMPLES[0], SAMPLES[4]], ADVANTAGES[[0, 4]], PAD)  # prompt 0 only: Wp = 3
-    assert batch.prompt_width == 3 and batch.response_width == 4  # A's 4 tokens, not the step's 5
+def test_a_micro_batch_is_as_wide_as_its_own_longest_row():
+    batch = build_train_batch([SAMPLES[0], SAMPLES[4]], ADVANTAGES[[0, 4]], PAD)  # A: 3 + 4 tokens, E: 3 + 2
+    assert batch.response_width == 4  # A's 4 tokens, not the step's 5
     assert batch.input_ids.tolist() == [[11, 12, 13, 21, 22, 23, 24], [11, 12, 13, 71, 81, PAD, PAD]]
 
 
@@ -137,16 +146,16 @@ def test_micro_batches_with_a_budget_pack_rows_sorted_by_length():
     assert sorted(i for rows in plan for i in rows) == list(range(6))
 
 
-def test_the_budget_counts_the_longest_prompt_and_the_longest_response_of_a_micro_batch():
-    # row 0: prompt 10 + response 1 = 11; row 1: prompt 1 + response 9 = 10. Together: 2 x (10 + 9) = 38 tokens
-    assert padded_tokens([10, 1], [1, 9]) == 38
-    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=37) == [[0], [1]]
-    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=38) == [[0, 1]]
+def test_the_budget_counts_the_longest_row_of_a_micro_batch():
+    # row 0: prompt 10 + response 1 = 11; row 1: prompt 1 + response 9 = 10. Together: 2 x 11 = 22 tokens
+    assert padded_tokens([10, 1], [1, 9]) == 22
+    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=21) == [[0], [1]]
+    assert micro_batches([10, 1], [1, 9], max_rows=8, max_tokens=22) == [[0, 1]]
 
 
 def test_empty_responses_give_a_width_one_batch_with_no_loss_tokens():
     # a request with no budget left returns no tokens
     samples = [sample(0, 0, 0.0, P0, (), 0), sample(1, 0, 0.0, P1, (), 0)]
     batch = build_train_batch(samples, torch.zeros(2), PAD)
-    assert batch.input_ids.shape == (2, 6)
+    assert batch.input_ids.shape == (2, 5) and batch.targets.shape == (2, 1)  # the longest prompt; one target column
     assert not bool(batch.expert_mask.any()) and not bool(batch.policy_mask.any())

@@ -42,19 +42,19 @@ def groups_batch(shuffle: bool):
 
 def naive_logprobs(model, batch, temperature):
     """log_softmax over the full `[N, T, V]` logits of one forward: the reference the fast paths must match."""
-    width = batch.response_width
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
         use_cache=False,
-    ).logits[:, -width - 1 : -1].float() / temperature  # [N, T, V]: position j predicts response token j
-    log_probs = torch.log_softmax(logits, dim=-1)
+    ).logits.float() / temperature  # [N, W, V]
+    positions = batch.predicting_positions()  # [N, T]: column prompt_length - 1 + j predicts response token j
+    log_probs = torch.log_softmax(logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1])), dim=-1)
     logp = log_probs.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
     return logp, -(log_probs.exp() * log_probs).sum(-1)
 
 
 def real(batch):
     """Real response positions only; padded positions hold arbitrary values on every path."""
-    return batch.attention_mask[:, batch.prompt_width :].bool()  # [N, T]
+    return batch.response_mask  # [N, T]
 
 
 def gradients(model, forward, batch):

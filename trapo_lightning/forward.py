@@ -31,32 +31,42 @@ Scores = tuple[torch.Tensor, torch.Tensor]  # ([N, T] log-probs, [N, T] entropie
 
 class ScoringHead(torch.nn.Module):
     """Stands in for a causal LM's output layer during one forward: maps hidden states `[N, L, H]` to `[N, T, 2]`,
-    the log-prob of `targets` `[N, T]` (T <= L; position j predicts target j) and the entropy at each position."""
+    the log-prob of `targets` `[N, T]` and the entropy at each of `positions` `[N, T]` (default: position j predicts
+    target j, T <= L)."""
 
-    def __init__(self, head: torch.nn.Module, targets: torch.Tensor, temperature: float, chunk_tokens: int) -> None:
+    def __init__(
+        self, head: torch.nn.Module, targets: torch.Tensor, temperature: float, chunk_tokens: int,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         # Not a submodule: the model's parameter names, and FSDP2's view of who owns the weight, stay the head's.
         object.__setattr__(self, "head", head)
-        self.targets, self.temperature, self.chunk_tokens = targets, temperature, chunk_tokens
+        self.targets, self.temperature, self.chunk_tokens, self.positions = targets, temperature, chunk_tokens, positions
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = self.targets.shape[1]
+        if self.positions is None:
+            hidden = hidden[:, : self.targets.shape[1]]  # [N, T, H]
+        else:
+            hidden = hidden.gather(1, self.positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [N, T, H]
         logprobs, entropy = hidden_logprobs_and_entropy(
-            hidden[:, :length], self.head.weight, self.targets, bias=self.head.bias, temperature=self.temperature,
+            hidden, self.head.weight, self.targets, bias=self.head.bias, temperature=self.temperature,
             chunk_size=self.chunk_tokens,
         )
         return torch.stack([logprobs, entropy], dim=-1)  # [N, T, 2]
 
 
 @contextlib.contextmanager
-def scoring_head(model: torch.nn.Module, targets: torch.Tensor, temperature: float, chunk_tokens: int) -> Iterator[None]:
+def scoring_head(
+    model: torch.nn.Module, targets: torch.Tensor, temperature: float, chunk_tokens: int,
+    positions: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Inside the block, `model(...).logits` is `[N, T, 2]` scores of `targets` instead of logits."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"the chunked LM head needs a Linear output layer, {type(model).__name__} has {type(head)}")
     if getattr(model.config, "final_logit_softcapping", None):
         raise TypeError(f"{type(model).__name__} soft-caps its logits after the head, which the chunked head skips")
-    model.set_output_embeddings(ScoringHead(head, targets, temperature, chunk_tokens))
+    model.set_output_embeddings(ScoringHead(head, targets, temperature, chunk_tokens, positions))
     try:
         yield
     finally:
@@ -65,13 +75,12 @@ def scoring_head(model: torch.nn.Module, targets: torch.Tensor, temperature: flo
 
 def plain_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = 1024) -> Scores:
     """Scores of every response token from one forward over the whole rows, prompt included."""
-    width = batch.response_width
-    with scoring_head(model, batch.targets, temperature, chunk_tokens):
+    with scoring_head(model, batch.targets, temperature, chunk_tokens, batch.predicting_positions()):
         out = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-            logits_to_keep=width + 1, use_cache=False,
+            logits_to_keep=0, use_cache=False,  # 0: every position's hidden state goes to the head, which picks
         )
-    return out.logits[..., 0], out.logits[..., 1]  # position j of the last T + 1 predicts response token j
+    return out.logits[..., 0], out.logits[..., 1]
 
 
 def shared_prompt_logprobs(
@@ -79,32 +88,44 @@ def shared_prompt_logprobs(
 ) -> Scores:
     """Same as `plain_logprobs`, with each distinct prompt of the batch run once.
 
-    Prompts are left-padded to a common width Wp, so a row's prompt is `input_ids[:, :Wp]` and its response the
-    rest. The prompt forward's last logits (`[U, 1, V]`, one position per distinct prompt) score response token 0;
-    the response forward's first T - 1 positions score tokens 1..T-1.
+    The distinct prompts are taken out of the rows and left-padded to a common width Wp, so the prompt forward's
+    last logits (`[U, 1, V]`, one position per distinct prompt) score response token 0; the responses (the batch's
+    right-padded targets) run on the prompts' KV cache, and their first T - 1 positions score tokens 1..T-1.
     """
-    prompt_width = batch.prompt_width
     prompts, row_to_prompt = torch.unique(batch.prompt_index, return_inverse=True)  # [U], [N]
     first_row = torch.empty_like(prompts).scatter_(  # [U] one row holding each prompt
         0, row_to_prompt, torch.arange(len(row_to_prompt), device=row_to_prompt.device)
     )
+    prompt_ids, prompt_mask = _left_padded_prompts(batch, first_row)  # [U, Wp]
     prompt_out = model(
-        input_ids=batch.input_ids[first_row, :prompt_width],
-        attention_mask=batch.attention_mask[first_row, :prompt_width],
-        position_ids=batch.position_ids[first_row, :prompt_width],
-        logits_to_keep=1, use_cache=True,
+        input_ids=prompt_ids, attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0), logits_to_keep=1, use_cache=True,
     )
     cache = prompt_out.past_key_values
     cache.batch_select_indices(row_to_prompt)  # [U, ...] -> [N, ...], differentiable indexing
     first = token_logprobs_and_entropy(
         prompt_out.logits[row_to_prompt], batch.targets[:, :1], temperature=temperature
     )  # ([N, 1], [N, 1])
+    response_mask = batch.response_mask.long()  # [N, T]
+    positions = batch.prompt_lengths[:, None] + torch.arange(batch.response_width, device=response_mask.device)
     with scoring_head(model, batch.targets[:, 1:], temperature, chunk_tokens):
         rest = model(
-            input_ids=batch.input_ids[:, prompt_width:], attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids[:, prompt_width:], past_key_values=cache, use_cache=True,
+            input_ids=batch.targets, attention_mask=torch.cat([prompt_mask[row_to_prompt], response_mask], dim=1),
+            position_ids=positions, past_key_values=cache, use_cache=True,
         ).logits  # [N, T - 1, 2]
     return torch.cat([first[0], rest[..., 0]], dim=1), torch.cat([first[1], rest[..., 1]], dim=1)
+
+
+def _left_padded_prompts(batch: TrainBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[U, Wp]` ids and mask of the prompts of `rows` (`[U]`), left-padded so that every prompt ends in the last
+    column."""
+    lengths = batch.prompt_lengths[rows]  # [U]
+    width = int(lengths.max())
+    column = torch.arange(width, device=lengths.device)[None, :]  # [1, Wp]
+    offset = column - (width - lengths[:, None])  # [U, Wp]: index into the row, negative over the padding
+    mask = (offset >= 0).long()
+    ids = batch.input_ids[rows[:, None], offset.clamp(min=0)]
+    return torch.where(mask.bool(), ids, batch.input_ids.new_zeros(())), mask
 
 
 def response_logprobs(
