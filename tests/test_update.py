@@ -1,6 +1,6 @@
-"""Off-policy training (issue 12) under a real Lightning Trainer on a tiny Qwen2: several updates per rollout batch
-make the clipped loss clip, and rollouts from a lagging weight copy get importance weights that differ from 1 and
-are logged."""
+"""The policy update (trapo_lightning/update.py) under a real Lightning Trainer on a tiny Qwen2: several updates per
+rollout batch make the clipped loss clip, rollouts from a lagging weight copy get importance weights that differ
+from 1 and are logged (issue 12), and SFT's gradient does not depend on how its batch is split (issue 14)."""
 
 import lightning as L
 import pytest
@@ -58,3 +58,48 @@ def test_rollouts_from_a_lagging_copy_get_importance_weights(source):
             assert step["train/rollout_logp_mismatch"] > 1e-3
             assert step["train/rollout_is_rejected"] > 0.0
             assert step["train/rollout_is_mean"] != 1.0
+
+
+@pytest.mark.parametrize("normalizer", ["constant", "token_mean"])
+def test_sft_micro_batched_makes_the_same_update_as_one_full_batch(source, normalizer):
+    """SFT (each prompt's whole expert solution, plain NLL, nothing sampled) on 16 solutions of unequal lengths, in
+    micro-batches of 1, of 3, or packed by a token budget (400: 3 to 5 rows) == one batch of 16: the bug class of gradient accumulation
+    that divides each micro-batch by its own token count (the 2026 critique of mixed-policy baselines). SGD, so the
+    update is proportional to the gradient; the tolerance is float32 summation order's."""
+    import torch
+    from lightning.pytorch import Trainer
+
+    from trapo_lightning.data.datamodule import TrapoDataModule
+    from trapo_lightning.data.sources import SyntheticSource
+    from trapo_lightning.data.synthetic import SyntheticArithmetic
+    from trapo_lightning.guidance import MicroGroupGuidance
+
+    from test_module import MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, snapshot
+
+    def data():
+        return TrapoDataModule(
+            policy=source, source=SyntheticSource(SyntheticArithmetic(num_operands=3, digits=2), train_size=16,
+                                                  val_size=2),
+            prompts_per_step=16, val_batch_size=2, max_prompt_tokens=MAX_PROMPT_TOKENS,
+            max_response_tokens=160,
+        )
+
+    updates = []
+    for micro_batch_size, max_tokens in ((1, None), (3, None), (16, 400), (16, None)):
+        module = make_module(
+            source, guidance=MicroGroupGuidance(sizes=[1], thresholds=[2.0], prefix_ratios=[1.0]), sft="plain",
+            normalizer=normalizer, entropy_coef=0.0, micro_batch_size=micro_batch_size,
+            max_tokens_per_micro_batch=max_tokens, max_response_tokens=160,
+            optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+        )
+        module.configure_model()
+        start = snapshot(module.policy)
+        Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                limit_val_batches=0).fit(module, datamodule=data())
+        updates.append({k: v - start[k] for k, v in snapshot(module.policy).items()})
+    *micro_batched, full = updates
+    assert max(float(u.abs().max()) for u in full.values()) > 1e-4
+    for update in micro_batched:
+        for key in full:
+            torch.testing.assert_close(update[key], full[key], rtol=1e-4, atol=1e-7, msg=key)
