@@ -10,8 +10,8 @@ next to it (W&B tables `val_completions` / `test_completions`). At most `val_max
 run are kept, the first ones in the benchmark's file order, so the files grow by a bounded amount with every
 validation of a long training run; `val_max_rows: null` keeps every answer (what scoring a model once wants).
 Each rank keeps the answers of its share of the problems; they are gathered to rank 0, which writes them, at the
-end of the run. Lightning's sanity check and `ValidateOnStart`'s step-0 pass (which does not go through the
-validation loop) write nothing.
+end of the run. Lightning's sanity check writes nothing; `ValidateOnStart`'s validation at step 0 is written like
+every other. Two tables in one run need different filenames (each keeps its own state under its filename).
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ class CompletionsTable(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key=table, columns=list(columns), data=[[r[c] for c in columns] for r in rows])
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(filename=self.filename)
 
     def state_dict(self) -> dict:
         return {"steps_seen": self.steps_seen}

@@ -1,7 +1,8 @@
-"""Trust-region and KL tuning as callbacks (TRAPO.md, "Losses"). Each writes one module attribute before every
-training step, `pl_module.loss.trust_region_alpha` or `pl_module.loss.kl_coef`, from a pure update rule in
-`trapo_lightning.schedules`; the measured inputs are averaged over ranks first, so every rank holds the same value,
-and the state is saved in checkpoints so a resume continues the same trajectory.
+"""Trust-region and KL tuning as callbacks (TRAPO.md, "Losses"). Each writes one module setting before every
+training step, `pl_module.loss.trust_region_alpha` or `pl_module.loss.kl_coef` (declared in `writes`: one writer per
+setting, `trapo_lightning.callback_rules`), from a pure update rule in `trapo_lightning.schedules`. The measured
+input is pooled over ranks token-weighted (`pooled_mean`): every rank holds the same value, the one a single
+process would compute on all ranks' data. The state is saved in checkpoints so a resume continues the trajectory.
 
 - `AlphaSchedule`: alpha constant / linear / cosine from `start` to `end` over `steps`.
 - `AdaptiveAlpha`: alpha that holds the share of expert-prefix tokens outside the trust region near a target.
@@ -13,17 +14,27 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from trapo_lightning.schedules import ScheduleShape, adaptive_alpha, adaptive_kl_coef, scheduled_value
+from trapo_lightning.callback_rules import writer_state_key
+from trapo_lightning.schedules import (
+    ScheduleShape,
+    adaptive_alpha,
+    adaptive_kl_coef,
+    pooled_mean,
+    scheduled_value,
+)
 
 
-def _rank_mean(trainer: L.Trainer, value: float) -> float:
-    return float(trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64), reduce_op="mean"))
-
-
-def _measured(outputs, key: str) -> float | None:
-    if not outputs or key not in outputs.get("metrics", {}):
-        return None
-    return float(outputs["metrics"][key])
+def measured_over_ranks(
+    trainer: L.Trainer, pl_module: L.LightningModule, outputs, key: str, count_key: str
+) -> float | None:
+    """The step's metric `key`, a mean over this rank's `count_key` tokens, pooled over all ranks' tokens; None
+    when no rank had any. A collective: every rank calls it at the same step, with or without a measurement."""
+    metrics = (outputs or {}).get("metrics", {})
+    mine = [float(metrics.get(key, 0.0)), float(metrics.get(count_key, 0.0))]
+    # On the module's device: an NCCL process group has no CPU tensors, and Lightning does not move them.
+    gathered = trainer.strategy.all_gather(torch.tensor(mine, dtype=torch.float64, device=pl_module.device))
+    means, counts = gathered.reshape(-1, 2).T.tolist()  # [world, 2] (one process: [2])
+    return pooled_mean(means, counts)
 
 
 class AlphaSchedule(L.Callback):
@@ -80,13 +91,13 @@ class AdaptiveAlpha(L.Callback):
         pl_module.log("trust_region/alpha", self.alpha, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        outside = _measured(outputs, "train/outside_trust_region")
-        expert = _measured(outputs, "train/expert_tokens")
-        if outside is None or not _rank_mean(trainer, float(bool(expert))):
-            return  # no expert tokens anywhere this step: nothing was measured
-        self.alpha = adaptive_alpha(
-            self.alpha, _rank_mean(trainer, outside), self.target, self.gain, self.low, self.high
-        )
+        outside = measured_over_ranks(trainer, pl_module, outputs, "train/outside_trust_region", "train/expert_tokens")
+        if outside is not None:  # None: no expert tokens on any rank this step, nothing was measured
+            self.alpha = adaptive_alpha(self.alpha, outside, self.target, self.gain, self.low, self.high)
+
+    @property
+    def state_key(self) -> str:
+        return writer_state_key(self)
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha}
@@ -115,9 +126,13 @@ class AdaptiveKL(L.Callback):
         pl_module.log("kl/coef", self.coef, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        kl = _measured(outputs, "train/kl_per_token")
-        if kl is not None:
-            self.coef = adaptive_kl_coef(self.coef, _rank_mean(trainer, kl), self.target, self.horizon)
+        kl = measured_over_ranks(trainer, pl_module, outputs, "train/kl_per_token", "train/rl_tokens")
+        if kl is not None:  # None: no policy token on any rank this step (e.g. SFT only), no KL was measured
+            self.coef = adaptive_kl_coef(self.coef, kl, self.target, self.horizon)
+
+    @property
+    def state_key(self) -> str:
+        return writer_state_key(self)
 
     def state_dict(self) -> dict:
         return {"coef": self.coef}

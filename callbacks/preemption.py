@@ -3,8 +3,9 @@
 SLURM sends the signal set by `#SBATCH --signal=USR1@120` (SIGUSR1, 120 s before the time limit or on
 preemption); Kubernetes and most schedulers send SIGTERM. The handler only raises a flag; the decision is taken at
 the end of the current training step, agreed across ranks (one rank's signal stops them all), so the checkpoint
-holds a whole step: weights, optimizer, data position, RNG and every callback's state. It is written as
-`last.ckpt` in the ModelCheckpoint folder, so the same command with `--ckpt_path last` resumes it. Under SLURM the
+holds a whole step: weights, optimizer, data position, RNG and every callback's state (it runs after every other
+callback, wherever the config lists it: `trapo_lightning.callback_rules`). It is written as `last.ckpt` in the
+ModelCheckpoint folder (`trapo_lightning.checkpoints`), so the same command with `--ckpt_path last` resumes it. Under SLURM the
 job is requeued (`scontrol requeue`) unless `requeue: false`.
 """
 
@@ -18,8 +19,11 @@ import threading
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from trapo_lightning.checkpoints import checkpoint_path
+
 
 class PreemptionCheckpoint(L.Callback):
+    writes_checkpoints = True  # saves in on_train_batch_end, so the module runs it after every other callback
     def __init__(self, signals: list[str] | None = None, requeue: bool = True, filename: str = "last") -> None:
         """
         Args:
@@ -54,7 +58,7 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        path = self.checkpoint_path(trainer)
+        path = checkpoint_path(trainer, self.filename)
         trainer.save_checkpoint(path)
         rank_zero_info(f"Stop signal received: checkpoint written to {path} after step {trainer.global_step}.")
         trainer.should_stop = True
@@ -66,10 +70,6 @@ class PreemptionCheckpoint(L.Callback):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signum, handler)
         self._previous = {}
-
-    def checkpoint_path(self, trainer: L.Trainer) -> str:
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        return os.path.join(folder, f"{self.filename}.ckpt")
 
     @staticmethod
     def _requeue(job_id: str) -> None:

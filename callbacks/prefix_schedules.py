@@ -12,7 +12,8 @@ run through one sampling code path:
 - `LuffyGuidance`: LUFFY's G - 1 on-policy rollouts + 1 full expert trace (pair with `model.loss.init_args.sft: luffy`).
 - `NoGuidanceSchedule`: plain GRPO.
 - `SFTOnly`: one full expert trace per prompt and nothing sampled (pair with `model.sft_loss: plain` for SFT).
-Only one prefix schedule may be in a run; without one, the module's own `guidance` argument applies.
+Only one prefix schedule may be in a run (each declares `writes = ("guidance",)`, and a setting has one writer:
+`trapo_lightning.callback_rules`); without one, the module's own `guidance` argument applies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
+from trapo_lightning.callback_rules import writer_state_key
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance, NoGuidance
 from trapo_lightning.schedules import ScheduleShape, scheduled_value
 
@@ -32,13 +34,10 @@ ALWAYS = math.inf  # a threshold no mean reward reaches: the micro-group is alwa
 class PrefixSchedule(L.Callback):
     """Base class: installs `rule(step)` as `pl_module.guidance` before each training step."""
 
+    writes = ("guidance",)
+
     def rule(self, step: int) -> GuidanceRule:
         raise NotImplementedError
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        schedules = [type(c).__name__ for c in trainer.callbacks if isinstance(c, PrefixSchedule)]
-        if len(schedules) > 1:
-            raise ValueError(f"one prefix schedule per run, found {schedules}; keep one in trainer.callbacks")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         pl_module.guidance = self.rule(trainer.global_step)
@@ -157,8 +156,11 @@ class AdaptiveGuidance(PrefixSchedule):
 
         Per guided level (prefix ratio > 0) it logs under `guidance/L<ratio>/`: `triggered` (share of prompts that
         reached it this step), `reward` (mean reward of the rollouts that continued its prefix; 1.0 for the whole
-        expert solution by construction), and their moving averages `triggered_ema` / `reward_ema`, so one sees
-        which levels keep being needed and whether guided continuations succeed more as training goes on.
+        expert solution by construction), their moving averages `triggered_ema` / `reward_ema`, and their values
+        over the whole run so far, `triggered_cumulative` / `reward_cumulative` (from the summed counts, which are
+        checkpointed: a resumed run continues them), so one sees which levels keep being needed, whether guided
+        continuations succeed more as training goes on, and how much each level was used in the run as a whole.
+        The counts are summed over ranks before anything is computed, so every rank logs and keeps the same numbers.
 
         Args:
             sizes: Rollouts per micro-group (paper: 4, 2, 1, 1).
@@ -171,33 +173,39 @@ class AdaptiveGuidance(PrefixSchedule):
         self._rule = MicroGroupGuidance(sizes, thresholds, prefix_ratios)
         self.levels = sorted({g.prefix_ratio for g in self._rule.micro_groups if g.prefix_ratio > 0})
         self.ema_decay = ema_decay
-        self.totals = {ratio: {"triggered": 0.0, "prompts": 0.0, "reward": 0.0, "samples": 0.0} for ratio in self.levels}
+        self.totals = {ratio: dict.fromkeys(_COUNTS, 0.0) for ratio in self.levels}
         self.ema: dict[float, dict[str, float]] = {}
 
     def rule(self, step: int) -> GuidanceRule:
         return self._rule
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        if not outputs or "samples" not in outputs:
-            return
-        step = self._level_counts(outputs["samples"])
-        step = trainer.strategy.reduce(step, reduce_op="sum")  # [levels, 4], summed over ranks: all ranks agree
+        counts = self._level_counts((outputs or {}).get("samples", []), pl_module.device)
+        # Summed over ranks (a collective every rank enters, with or without samples), on the module's device: an
+        # NCCL process group has no CPU tensors, and Lightning does not move them.
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")  # [levels, 4]
+        if counts.numel() and counts[0, 1] > 0:  # column 1, the prompts seen, is the same for every level
+            pl_module.log_dict(self.update(counts.tolist()), on_step=True, on_epoch=False, batch_size=1)
+
+    def update(self, counts: list[list[float]]) -> dict[str, float]:
+        """Adds one step's counts over all ranks (per level: prompts that reached it, prompts seen, summed reward
+        and number of its samples) to the run's totals and moving averages. Returns the metrics to log."""
         metrics = {}
-        for ratio, (triggered, prompts, reward, samples) in zip(self.levels, step.tolist()):
+        for ratio, step in zip(self.levels, counts):
             totals = self.totals[ratio]
-            for key, value in zip(("triggered", "prompts", "reward", "samples"), (triggered, prompts, reward, samples)):
+            for key, value in zip(_COUNTS, step):
                 totals[key] += value
-            now = {"triggered": triggered / max(prompts, 1.0)}
-            if samples:
-                now["reward"] = reward / samples
+            now = _rates(dict(zip(_COUNTS, step)))
             ema = self.ema.setdefault(ratio, dict(now))
+            name = f"guidance/L{ratio:.2f}"
             for key, value in now.items():
                 ema[key] = self.ema_decay * ema.get(key, value) + (1 - self.ema_decay) * value
-                metrics[f"guidance/L{ratio:.2f}/{key}"] = value
-                metrics[f"guidance/L{ratio:.2f}/{key}_ema"] = ema[key]
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+                metrics[f"{name}/{key}"] = value
+                metrics[f"{name}/{key}_ema"] = ema[key]
+            metrics.update({f"{name}/{key}_cumulative": value for key, value in _rates(totals).items()})
+        return metrics
 
-    def _level_counts(self, samples) -> torch.Tensor:
+    def _level_counts(self, samples, device: torch.device) -> torch.Tensor:
         """[levels, 4]: prompts that reached the level, prompts seen, summed reward and count of its samples."""
         prompts = {s.prompt_index for s in samples}
         rows = []
@@ -205,7 +213,11 @@ class AdaptiveGuidance(PrefixSchedule):
             at_level = [s for s in samples if s.prefix_ratio == ratio]
             reached = {s.prompt_index for s in at_level}
             rows.append([len(reached), len(prompts), sum(s.reward for s in at_level), len(at_level)])
-        return torch.tensor(rows, dtype=torch.float64)
+        return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(self.levels), len(_COUNTS))
+
+    @property
+    def state_key(self) -> str:
+        return writer_state_key(self)
 
     def state_dict(self) -> dict:
         return {"totals": {str(r): dict(v) for r, v in self.totals.items()},
@@ -214,3 +226,14 @@ class AdaptiveGuidance(PrefixSchedule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.totals = {float(r): dict(v) for r, v in state_dict["totals"].items()}
         self.ema = {float(r): dict(v) for r, v in state_dict["ema"].items()}
+
+
+_COUNTS = ("triggered", "prompts", "reward", "samples")  # a level's counts, in `_level_counts`' column order
+
+
+def _rates(counts: dict[str, float]) -> dict[str, float]:
+    """A level's share of prompts that reached it, and the mean reward of its samples when it had any."""
+    rates = {"triggered": counts["triggered"] / max(counts["prompts"], 1.0)}
+    if counts["samples"]:
+        rates["reward"] = counts["reward"] / counts["samples"]
+    return rates

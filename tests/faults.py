@@ -4,6 +4,8 @@ the code under test."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -50,3 +52,15 @@ class NonFiniteLogitsAt(L.Callback):
 def _nan_when_grad_enabled(module, inputs, output):
     # Rollouts run under no_grad and stay finite; only the training forward (with grad) blows up.
     return output * float("nan") if torch.is_grad_enabled() else output
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process the scheduler's stop signal `signal_name` at the start of optimizer step `step`, on rank
+    `rank` only (as a scheduler signals the one node it preempts)."""
+
+    def __init__(self, step: int, rank: int = 0, signal_name: str = "SIGUSR1") -> None:
+        self.step, self.rank, self.signum = step, rank, getattr(signal, signal_name)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)

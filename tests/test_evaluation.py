@@ -312,11 +312,13 @@ def test_validate_on_start_logs_what_validation_logs(source, two_benchmarks):
     data = make_data(source, two_benchmarks)
     callback = ValidateOnStart()
     module = make_module(source, **options)
-    trainer = make_trainer(logger=logger, callbacks=[callback], max_steps=1, limit_val_batches=0)
+    # one step of an epoch of 4: the run's only validation is the one at start
+    trainer = make_trainer(logger=logger, callbacks=[callback], max_steps=1, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
     assert callback.runs == 1
     ((step, at_start),) = [(s, m) for s, m in logger.logged if any(k.startswith("val/") for k in m)]
     assert step == 0
+    at_start.pop("epoch")  # Lightning adds the epoch to every validation it logs
 
     fresh = make_module(source, **options)
     validated = make_trainer().validate(fresh, datamodule=make_data(source, two_benchmarks), verbose=False)
@@ -325,6 +327,40 @@ def test_validate_on_start_logs_what_validation_logs(source, two_benchmarks):
     assert {k for k in merged if k.endswith("/pass@3")} == {"val/aime24/pass@3", "val/math500/pass@3"}
     assert at_start == pytest.approx(merged)
     assert at_start["val/aime24/response_length"] > 0
+
+
+class CountValidationHooks(L.Callback):
+    """The validation hooks every callback sees, with the step they came at."""
+
+    def __init__(self):
+        self.batches, self.epochs = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batches.append((trainer.global_step, outputs["benchmark"], len(outputs["evaluation"].results)))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.epochs.append(trainer.global_step)
+
+
+def test_validate_on_start_is_the_validation_loop_every_callback_sees(source, two_benchmarks):
+    """Step 0 goes through Lightning's validation loop, so other callbacks get their validation hooks for it (before
+    this, `CompletionsTable` never saw step 0), and like every validation it validates nothing at limit_val_batches 0.
+    (That a resumed run skips it is tested on real resumed runs: test_resume.py, test_scale.py.)"""
+    hooks = CountValidationHooks()
+    trainer = make_trainer(callbacks=[ValidateOnStart(), hooks], max_steps=1, num_sanity_val_steps=0)
+    module = make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(1))
+    trainer.fit(module, datamodule=make_data(source, two_benchmarks))
+    # aime24's 3 problems in batches of 2 + 1, math500's 4 in 2 + 2; one validation epoch, at step 0
+    assert hooks.batches == [(0, "aime24", 2), (0, "aime24", 1), (0, "math500", 2), (0, "math500", 2)]
+    assert hooks.epochs == [0]
+    assert module.training and module.policy.training  # training resumes in train mode
+
+    limited = CountValidationHooks()
+    callback = ValidateOnStart()
+    trainer = make_trainer(callbacks=[callback, limited], max_steps=1, limit_val_batches=0)
+    trainer.fit(make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(1)),
+                datamodule=make_data(source, two_benchmarks))
+    assert callback.runs == 0 and limited.batches == []
 
 
 def test_invalid_sample_settings_fail_at_construction(source):

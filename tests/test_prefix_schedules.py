@@ -87,6 +87,26 @@ def test_adaptive_guidance_logs_the_utility_of_each_level(source):
     assert metrics["guidance/L0.25/reward"] == 0.0  # and its guided continuations
     assert metrics["guidance/L1.00/triggered_ema"] == 1.0
     assert schedule.totals[0.25] == {"triggered": 4.0, "prompts": 4.0, "reward": 0.0, "samples": 8.0}  # 2 steps x 2
+    assert metrics["guidance/L0.25/triggered_cumulative"] == 1.0  # 4 of the run's 4 prompts
+    assert metrics["guidance/L1.00/reward_cumulative"] == 0.0  # everything is graded wrong here
+
+
+def test_adaptive_guidance_statistics_by_hand():
+    schedule = AdaptiveGuidance(ema_decay=0.5)  # levels 0.25, 0.5, 1.0
+    # step 1 (over all ranks): 4 prompts; 2 reached L0.25 with 4 samples rewarded 1 + 0 + 0 + 0, 1 reached L0.5
+    # (1 sample, reward 1), none L1.0
+    first = schedule.update([[2, 4, 1.0, 4], [1, 4, 1.0, 1], [0, 4, 0.0, 0]])
+    assert first["guidance/L0.25/triggered"] == 0.5 and first["guidance/L0.25/reward"] == 0.25
+    assert first["guidance/L0.25/triggered_ema"] == 0.5  # the moving average starts at the first value
+    assert first["guidance/L1.00/triggered"] == 0.0 and "guidance/L1.00/reward" not in first  # no sample there
+    # step 2: 4 prompts, all reached L0.25, whose 8 samples got 4 right
+    second = schedule.update([[4, 4, 4.0, 8], [0, 4, 0.0, 0], [0, 4, 0.0, 0]])
+    assert second["guidance/L0.25/triggered_ema"] == 0.5 * 0.5 + 0.5 * 1.0
+    assert second["guidance/L0.25/reward_ema"] == 0.5 * 0.25 + 0.5 * 0.5
+    # over the run: 6 of 8 prompts reached L0.25, whose 12 samples got 5 right; L0.5: 1 of 8, 1 of 1 right
+    assert second["guidance/L0.25/triggered_cumulative"] == 6 / 8
+    assert second["guidance/L0.25/reward_cumulative"] == 5 / 12
+    assert second["guidance/L0.50/triggered_cumulative"] == 1 / 8 and second["guidance/L0.50/reward_cumulative"] == 1
 
 
 @pytest.mark.parametrize(
@@ -108,5 +128,5 @@ def test_bad_arguments_fail_at_construction(build):
 def test_two_schedules_in_one_run_is_an_error(source):
     module = make_module(source, rollout=ScriptedEngine([5, 6]), reward=AlwaysWrong())
     trainer = make_trainer(callbacks=[LuffyGuidance(), AdaptiveGuidance()])
-    with pytest.raises(ValueError, match="one prefix schedule per run"):
+    with pytest.raises(ValueError, match="LuffyGuidance and AdaptiveGuidance both write the module setting `guidance`"):
         trainer.fit(module, datamodule=make_data(source))

@@ -77,6 +77,7 @@ def _loss_metrics(losses: Sequence[LossTerms]) -> dict[str, float]:
         "train/rollout_is_mean": _weighted([float(l.rollout_is_mean) for l in losses], policy),
         "train/rollout_is_rejected": _weighted([float(l.rollout_is_rejected) for l in losses], policy),
         "train/expert_tokens": sum(expert),
+        "train/rl_tokens": sum(policy),  # the weight of the per-token means over policy tokens (kl_per_token, ...)
     }
 
 

@@ -20,7 +20,6 @@ backward.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -31,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from trapo_lightning.advantages import dr_grpo_advantages
 from trapo_lightning.batch import TrainBatch, step_prefix_carriers
+from trapo_lightning.callback_rules import check_callbacks, in_hook_order, missing_states, setting_writers
+from trapo_lightning.checkpoints import checkpoint_path
 from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.forward import response_logprobs
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
@@ -218,6 +219,11 @@ class TrapoModule(L.LightningModule):
         self.tokenizer = None  # these three are loaded in configure_model, where sharding can apply (issue 3)
         self.prefixer: ExpertPrefixer | None = None
 
+    def setup(self, stage: str) -> None:
+        # Before any model is loaded: a run whose callbacks conflict fails in seconds (`callback_rules`).
+        check_callbacks(self.trainer.callbacks)
+        self.trainer.callbacks[:] = in_hook_order(self.trainer.callbacks)
+
     # -- models ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is not None:  # idempotent: Lightning may call it more than once
@@ -255,7 +261,7 @@ class TrapoModule(L.LightningModule):
     def _reference_needed(self) -> bool:
         """The frozen reference only serves the KL term: load it when kl_coef is set or a callback may set it."""
         callbacks = self._trainer.callbacks if self._trainer is not None else []
-        return self.loss.kl_coef != 0 or any("loss.kl_coef" in getattr(c, "writes", ()) for c in callbacks)
+        return self.loss.kl_coef != 0 or "loss.kl_coef" in setting_writers(callbacks)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -279,6 +285,9 @@ class TrapoModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            for name in missing_states(self.trainer.callbacks, checkpoint):
+                rank_zero_warn(f"the checkpoint holds no state of the callback {name}: it starts from its settings")
         if _STATE_KEY in checkpoint:
             state = checkpoint[_STATE_KEY]
             self.rollout_seed = state["rollout_seed"]
@@ -437,18 +446,13 @@ class TrapoModule(L.LightningModule):
                 f"{self.nonfinite.max_consecutive} in a row)"
             )
             return
-        path = self._last_good_checkpoint_path()
+        path = checkpoint_path(self.trainer, f"nonfinite-stop-step{self.global_step}")
         self.trainer.save_checkpoint(path)
         raise NonFiniteLossError(
             f"{where}: {self.nonfinite.consecutive} optimizer steps in a row had a non-finite loss or gradient norm "
             f"(last: loss {loss}, grad norm {grad_norm}). The weights of the last good step are saved in {path}. "
             "Look for the cause (learning rate, data, precision) before resuming from it."
         )
-
-    def _last_good_checkpoint_path(self) -> str:
-        callback = self.trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
-        return os.path.join(folder, f"nonfinite-stop-step{self.global_step}.ckpt")
 
     def _scores(self, model: torch.nn.Module, chunk: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """`[b, T]` log-probs and entropies of the response tokens, at the rollout temperature (what was sampled)."""

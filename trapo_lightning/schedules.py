@@ -9,11 +9,14 @@
   of expert-prefix tokens outside the trust region (p < alpha) near a target: too many outside lowers alpha (their
   gradients are attenuated), too few raises it. TRAPO.md: the TrSFT optimum prunes expert modes with probability
   below alpha, so the share outside is the knob users reason about.
+- `pooled_mean`: the measurement a controller acts on when every rank measured a mean over its own tokens: the mean
+  over all ranks' tokens, so ranks agree and the decision is the one a single process would take on the same data.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import Enum
 
 
@@ -57,3 +60,15 @@ def adaptive_alpha(
         raise ValueError(f"alpha bounds must satisfy 0 < low <= high <= 1, got {low}, {high}")
     error = min(max(outside - target, -0.2), 0.2)
     return min(max(alpha * math.exp(-gain * error), low), high)
+
+
+def pooled_mean(means: Sequence[float], counts: Sequence[float]) -> float | None:
+    """The mean over all tokens of all ranks, from each rank's mean over its own `counts[r]` tokens:
+    sum(means * counts) / sum(counts). A rank without tokens adds nothing (whatever its mean says); None when no
+    rank had any, i.e. nothing was measured."""
+    if len(means) != len(counts) or any(c < 0 for c in counts):
+        raise ValueError(f"need one count >= 0 per mean, got means {list(means)} and counts {list(counts)}")
+    total = sum(counts)
+    if total == 0:
+        return None
+    return sum(m * c for m, c in zip(means, counts) if c) / total
