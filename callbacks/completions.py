@@ -45,7 +45,7 @@ class CompletionsTable(L.Callback):
             filename: File in the logger's folder (the run directory without a logger) the training rows are
                 appended to; validation and test rows go to `val_<filename>` and `test_<filename>` beside it.
             val_max_rows: Answers written per benchmark in each validation or test run, the first ones in the
-                benchmark's order (all `model.val_samples` of a problem before the next problem); null: all.
+                benchmark's order (all of a problem's `model.evaluation` samples before the next problem); null: all.
         """
         if every_n_steps < 1 or max_rows < 1:
             raise ValueError(f"every_n_steps and max_rows must be >= 1, got {every_n_steps} and {max_rows}")

@@ -6,7 +6,8 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 seeds="${*:-0}"
 common=configs/repro/common.yaml
-eval=(--model.val_samples 8 --model.pass_at_k "[1, 4, 8]")
+eval=(--model.evaluation.class_path trapo_lightning.evaluation.EvalProtocol --model.evaluation.init_args.samples 8
+      --model.evaluation.init_args.pass_at_k "[1, 4, 8]")
 
 # The base model, untrained by any method (no checkpoint: the policy folder itself).
 trapo test --config "$common" --config configs/repro/grpo.yaml "${eval[@]}" --trainer.logger.init_args.name base/test

@@ -243,3 +243,32 @@ def test_a_loss_setting_under_its_old_key_names_the_new_one(in_tmp, capsys, wher
     line = one_line_error(capsys, args)
     key, new = ("sft_loss", "sft") if where == "command line" else ("loss_normalizer", "normalizer")
     assert f"model.{key} (in " in line and f"write it as model.loss.init_args.{new}" in line
+
+
+@pytest.mark.slow
+def test_trapo_test_scores_a_plain_model_folder_with_the_papers_protocol(in_tmp, tiny_policy_dir):
+    """A plain Hugging Face folder (no checkpoint), two benchmarks with their own answer counts and an average over
+    them, as configs/eval_paper_protocol.yaml lays it out."""
+    for name, count in (("aime", 2), ("math", 3)):
+        rows = [{"problem": f"Compute {i} + 1.", "answer": str(i + 1)} for i in range(count)]
+        (in_tmp / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = in_tmp / "eval.yaml"
+    config.write_text(
+        "model:\n"
+        f"  policy: {{class_path: trapo_lightning.models.PretrainedFolder, init_args: {{path: {tiny_policy_dir.resolve()}}}}}\n"
+        "  evaluation:\n"
+        "    class_path: trapo_lightning.evaluation.EvalProtocol\n"
+        "    init_args: {samples: 1, samples_per_benchmark: {aime: 4}, pass_at_k: [1, 4], averages: {math_avg: [aime, math]}}\n"
+        "data:\n"
+        "  source: {class_path: trapo_lightning.data.sources.JsonlSource, init_args: {val_files: []}}\n"
+        "  benchmarks:\n"
+        f"    aime: {{class_path: trapo_lightning.data.sources.JsonlSource, init_args: {{val_files: [{in_tmp / 'aime.jsonl'}]}}}}\n"
+        f"    math: {{class_path: trapo_lightning.data.sources.JsonlSource, init_args: {{val_files: [{in_tmp / 'math.jsonl'}]}}}}\n"
+    )
+    build_cli(["test", "--config", str(TINY), "--config", str(config)])
+    with open(in_tmp / "runs" / "tiny" / "version_0" / "metrics.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert {"test/aime/avg@4", "test/aime/pass@4", "test/math/avg@1", "test/math_avg"} <= set(row)
+    assert "test/math/pass@4" not in row
+    averaged = (float(row["test/aime/avg@4"]) + float(row["test/math/avg@1"])) / 2
+    assert float(row["test/math_avg"]) == pytest.approx(averaged)

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from helpers import ScriptedEngine, one_torch_thread  # noqa: F401 (autouse fixture)
 from test_evaluation import EveryFirstCorrect, RecordingEngine, benchmark_file
+from trapo_lightning.evaluation import EvalProtocol
 from test_evaluation import make_data as make_eval_data
 from test_evaluation import make_module as make_eval_module
 from test_module import make_data, make_module, source  # noqa: F401 (fixture)
@@ -97,7 +98,7 @@ def test_validate_and_test_write_every_answer_with_reference_and_verdict(source,
     table = CompletionsTable(val_max_rows=None)
     trainer = eval_trainer(tmp_path, table)
     # 2 answers per problem, the first of each pair graded correct; every answer is the scripted tokens [7, 8, 9]
-    module = make_eval_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), val_samples=2)
+    module = make_eval_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), evaluation=EvalProtocol(samples=2))
     data = make_eval_data(source, benchmarks)
     trainer.validate(module, datamodule=data, verbose=False)
     run = tmp_path / "run" / "version_0"
@@ -124,7 +125,7 @@ def test_validate_and_test_write_every_answer_with_reference_and_verdict(source,
 def test_at_most_val_max_rows_per_benchmark_each_validation_first_in_file_order(source, benchmarks, tmp_path):
     table = CompletionsTable(val_max_rows=3)
     trainer = eval_trainer(tmp_path, table)
-    module = make_eval_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), val_samples=2)
+    module = make_eval_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), evaluation=EvalProtocol(samples=2))
     data = make_eval_data(source, benchmarks)  # batches of 2 problems: the cap falls inside the second batch
     trainer.validate(module, datamodule=data, verbose=False)
     trainer.validate(module, datamodule=data, verbose=False)  # a second validation appends its own rows

@@ -18,7 +18,7 @@ from trapo_lightning.callbacks import ValidateOnStart
 from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.data.sources import JsonlSource, SyntheticSource
 from trapo_lightning.data.synthetic import SyntheticArithmetic
-from trapo_lightning.evaluation import AverageAtK, PassAtK, pass_at_k
+from trapo_lightning.evaluation import AverageAtK, EvalProtocol, PassAtK, pass_at_k
 from trapo_lightning.metrics import BenchmarkMetrics, Evaluation, metric_prefix
 from trapo_lightning.module import TrapoModule
 from trapo_lightning.reward import RewardResult, Verdict
@@ -236,7 +236,7 @@ def two_benchmarks(write_jsonl):
 
 def test_validate_and_test_report_avg_and_pass_at_k_per_benchmark(source, two_benchmarks):
     grader, engine = EveryFirstCorrect(4), RecordingEngine()
-    module = make_module(source, rollout=engine, reward=grader, val_samples=4, pass_at_k=[1, 2, 4])
+    module = make_module(source, rollout=engine, reward=grader, evaluation=EvalProtocol(samples=4, pass_at_k=[1, 2, 4]))
     data = make_data(source, two_benchmarks)
     trainer = make_trainer()
     (aime, math500) = trainer.validate(module, datamodule=data, verbose=False)
@@ -259,7 +259,7 @@ def test_validate_and_test_report_avg_and_pass_at_k_per_benchmark(source, two_be
 
 
 def test_the_default_benchmark_keeps_val_accuracy(source):
-    module = make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), val_samples=2)
+    module = make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(2), evaluation=EvalProtocol(samples=2))
     (metrics,) = make_trainer().validate(module, datamodule=make_data(source), verbose=False)
     assert metrics["val/accuracy"] == metrics["val/avg@2"] == metrics["val/pass@1"] == pytest.approx(0.5)
     assert set(metrics) == {
@@ -292,7 +292,7 @@ def test_the_sanity_check_is_not_counted_in_the_first_validation(source):
 
 def test_sampling_seeds_depend_on_benchmark_step_and_batch_only(source, two_benchmarks):
     engine = RecordingEngine()
-    module = make_module(source, rollout=engine, reward=EveryFirstCorrect(1), val_samples=3)
+    module = make_module(source, rollout=engine, reward=EveryFirstCorrect(1), evaluation=EvalProtocol(samples=3))
     make_trainer().validate(module, datamodule=make_data(source, two_benchmarks), verbose=False)
     seeds = [p.seed for p in engine.params]
     # step 0, rank 0; the seed of the held-out split is what one sample per prompt always used: (val, step, batch)
@@ -307,7 +307,7 @@ def test_sampling_seeds_depend_on_benchmark_step_and_batch_only(source, two_benc
 def test_validate_on_start_logs_what_validation_logs(source, two_benchmarks):
     """Real sampling (tiny random policy, HF generate) and the real verifier: ValidateOnStart at step 0 must log
     exactly the numbers a validation at step 0 logs, for every benchmark."""
-    options = dict(val_samples=3, pass_at_k=[1, 3])
+    options = dict(evaluation=EvalProtocol(samples=3, pass_at_k=[1, 3]))
     logger = MemoryLogger()
     data = make_data(source, two_benchmarks)
     callback = ValidateOnStart()
@@ -363,10 +363,57 @@ def test_validate_on_start_is_the_validation_loop_every_callback_sees(source, tw
     assert callback.runs == 0 and limited.batches == []
 
 
-def test_invalid_sample_settings_fail_at_construction(source):
-    with pytest.raises(ValueError, match="val_samples must be >= 1"):
-        make_module(source, val_samples=0)
-    with pytest.raises(ValueError, match=r"pass_at_k must hold distinct k in \[1, val_samples\], got \[1, 8\]"):
-        make_module(source, val_samples=4, pass_at_k=[1, 8])
+def test_invalid_protocols_fail_at_construction():
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        EvalProtocol(samples=0)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        EvalProtocol(samples_per_benchmark={"aime24": 0})
     with pytest.raises(ValueError, match="distinct"):
-        make_module(source, val_samples=4, pass_at_k=[2, 2])
+        EvalProtocol(samples=4, pass_at_k=[2, 2])
+    with pytest.raises(ValueError, match="must include 1"):
+        EvalProtocol(pass_at_k=[4])
+    with pytest.raises(ValueError, match="at least one benchmark"):
+        EvalProtocol(averages={"math_avg": []})
+
+
+def test_each_benchmark_gets_its_own_number_of_answers_and_only_the_k_it_allows():
+    protocol = EvalProtocol(samples=1, pass_at_k=[1, 8, 32], samples_per_benchmark={"aime24": 32, "amc": 8})
+    assert [protocol.samples_for(name) for name in ("aime24", "amc", "math500")] == [32, 8, 1]
+    assert protocol.pass_at_k_for("aime24") == (1, 8, 32)
+    assert protocol.pass_at_k_for("amc") == (1, 8)
+    assert protocol.pass_at_k_for("math500") == (1,)
+    with pytest.raises(ValueError, match=r"names benchmarks \['gsm8k'\]"):
+        EvalProtocol(averages={"math_avg": ["aime24", "gsm8k"]}).check_benchmarks(["aime24", "math500"])
+
+
+def test_per_benchmark_answers_and_an_average_over_benchmarks(source, two_benchmarks):
+    """aime24 (3 problems) with 4 answers each, math500 (4 problems) with 1; every first answer correct and the
+    rest wrong (EveryFirstCorrect(n) with each benchmark's n): aime24 avg@4 = 3 / 12 = 0.25, math500 avg@1 = 1;
+    their average 0.625, logged as val/math_avg."""
+    protocol = EvalProtocol(samples=1, pass_at_k=[1, 4], samples_per_benchmark={"aime24": 4},
+                            averages={"math_avg": ["aime24", "math500"]})
+
+    class FirstOfEachProblem:
+        """Correct for the first answer to each problem (answers come problem by problem), the rest wrong."""
+
+        reward_range = (0.0, 1.0)
+
+        def __call__(self, completions, answers):
+            first = [i == 0 or answers[i] != answers[i - 1] for i in range(len(answers))]
+            return [RewardResult(Verdict.correct if f else Verdict.wrong, float(f)) for f in first]
+
+    module = make_module(source, rollout=RecordingEngine(), reward=FirstOfEachProblem(), evaluation=protocol)
+    metrics = {k: v for m in make_trainer().validate(module, datamodule=make_data(source, two_benchmarks),
+                                                     verbose=False) for k, v in m.items()}
+    assert metrics["val/aime24/avg@4"] == pytest.approx(0.25)
+    assert metrics["val/aime24/pass@4"] == pytest.approx(1.0)
+    assert metrics["val/math500/avg@1"] == pytest.approx(1.0)
+    assert "val/math500/pass@4" not in metrics
+    assert metrics["val/math_avg"] == pytest.approx(0.625)
+
+
+def test_a_protocol_naming_a_missing_benchmark_stops_before_any_answer(source, two_benchmarks):
+    module = make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(1),
+                         evaluation=EvalProtocol(averages={"math_avg": ["aime24", "amc23"]}))
+    with pytest.raises(ValueError, match="amc23"):
+        make_trainer().validate(module, datamodule=make_data(source, two_benchmarks), verbose=False)

@@ -74,7 +74,7 @@ def test_sft_micro_batched_makes_the_same_update_as_one_full_batch(source, norma
     from trapo_lightning.data.synthetic import SyntheticArithmetic
     from trapo_lightning.guidance import MicroGroupGuidance
 
-    from test_module import MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, snapshot
+    from test_module import MAX_PROMPT_TOKENS, snapshot
 
     def data():
         return TrapoDataModule(

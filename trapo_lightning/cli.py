@@ -55,11 +55,15 @@ _MODULE_CLIPS = {
 }
 
 
-# The loss settings that moved from `model.*` into `model.loss.init_args.*` (issue 12): old key -> new name.
-MOVED_TO_LOSS = {
-    "sft_loss": "sft", "trust_region_alpha": "trust_region_alpha", "policy_loss": "policy",
-    "clip_eps_low": "clip_eps_low", "clip_eps_high": "clip_eps_high", "kl_coef": "kl_coef",
-    "kl_estimator": "kl_estimator", "entropy_coef": "entropy_coef", "loss_normalizer": "normalizer",
+# Settings that moved from `model.<key>` into a component (issues 12 and 14): old key -> (component, its name there).
+_LOSS = ("model.loss", "trapo_lightning.losses.TrapoLoss")
+_EVALUATION = ("model.evaluation", "trapo_lightning.evaluation.EvalProtocol")
+MOVED_KEYS = {
+    "sft_loss": (_LOSS, "sft"), "trust_region_alpha": (_LOSS, "trust_region_alpha"), "policy_loss": (_LOSS, "policy"),
+    "clip_eps_low": (_LOSS, "clip_eps_low"), "clip_eps_high": (_LOSS, "clip_eps_high"),
+    "kl_coef": (_LOSS, "kl_coef"), "kl_estimator": (_LOSS, "kl_estimator"), "entropy_coef": (_LOSS, "entropy_coef"),
+    "loss_normalizer": (_LOSS, "normalizer"), "val_temperature": (_EVALUATION, "temperature"),
+    "val_samples": (_EVALUATION, "samples"), "pass_at_k": (_EVALUATION, "pass_at_k"),
 }
 
 
@@ -107,24 +111,25 @@ class ExportCLI(TrapoCLI):
 
 
 def refuse_moved_keys(args) -> None:
-    """A `ConfigError` naming the new key for any loss setting still written as `model.<key>`, on the command line
-    or in a `--config` file (jsonargparse alone would only say the key is unexpected)."""
+    """A `ConfigError` naming the new key for any setting still written as `model.<key>` after it moved into a
+    component (`MOVED_KEYS`), on the command line or in a `--config` file (jsonargparse alone would only say the
+    key is unexpected)."""
     if not isinstance(args, (list, tuple)):
         return
     found: list[tuple[str, str]] = []  # (where, old key)
     for index, arg in enumerate(args):
         name, _, value = str(arg).partition("=")
-        if name.startswith("--model.") and name.removeprefix("--model.") in MOVED_TO_LOSS:
+        if name.startswith("--model.") and name.removeprefix("--model.") in MOVED_KEYS:
             found.append(("the command line", name.removeprefix("--model.")))
         elif name == "--config":
             path = value or (args[index + 1] if index + 1 < len(args) else "")
             found += [(path, key) for key in _moved_keys_in(path)]
     if found:
         where, key = found[0]
+        (component, class_path), name = MOVED_KEYS[key]
         raise ConfigError(
-            f"model.{key} (in {where}) moved into the loss object: write it as model.loss.init_args."
-            f"{MOVED_TO_LOSS[key]} (with model.loss.class_path trapo_lightning.losses.TrapoLoss); see README's config "
-            "section and CHANGELOG"
+            f"model.{key} (in {where}) moved into {component}: write it as {component}.init_args.{name} (with "
+            f"{component}.class_path {class_path}); see README's config section and CHANGELOG"
         )
 
 
@@ -136,7 +141,7 @@ def _moved_keys_in(path: str) -> list[str]:
     except (OSError, yaml.YAMLError):
         return []
     model = config.get("model") if isinstance(config, dict) else None
-    return [key for key in MOVED_TO_LOSS if isinstance(model, dict) and key in model]
+    return [key for key in MOVED_KEYS if isinstance(model, dict) and key in model]
 
 
 @contextlib.contextmanager

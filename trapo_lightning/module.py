@@ -33,14 +33,16 @@ from trapo_lightning.batch import TrainBatch, step_prefix_carriers
 from trapo_lightning.callback_rules import check_callbacks, in_hook_order, missing_states, setting_writers
 from trapo_lightning.checkpoints import checkpoint_path
 from trapo_lightning.data.records import PromptBatch
+from trapo_lightning.evaluation import EvalProtocol
+from trapo_lightning.evaluation_steps import EvaluationSteps
 from trapo_lightning.forward import response_logprobs
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
 from trapo_lightning.losses import LossTerms, TrapoLoss
-from trapo_lightning.metrics import HELD_OUT, BenchmarkMetrics, Evaluation, metric_prefix, step_metrics
+from trapo_lightning.metrics import step_metrics
 from trapo_lightning.models.sharded import load_sharded
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.reward import MathVerifyReward, Verdict
-from trapo_lightning.rollout.base import RolloutEngine, RolloutRequest, SamplingParams, check_rollout_version
+from trapo_lightning.rollout.base import RolloutEngine, SamplingParams, check_rollout_version
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
 from trapo_lightning.prefix import PrefixCut
@@ -73,7 +75,7 @@ def paper_adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=5e-6)
 
 
-class TrapoModule(L.LightningModule):
+class TrapoModule(EvaluationSteps, L.LightningModule):
     def __init__(
         self,
         policy: PolicySource,
@@ -86,9 +88,7 @@ class TrapoModule(L.LightningModule):
         max_prompt_tokens: int = 1024,
         max_response_tokens: int = 8192,
         rollout_temperature: float = 1.0,
-        val_temperature: float = 0.6,
-        val_samples: int = 1,
-        pass_at_k: tuple[int, ...] = (1,),
+        evaluation: EvalProtocol | None = None,
         loss: TrapoLoss | None = None,
         advantage_std_scaling: bool = False,
         dapo: DapoShaping | None = None,
@@ -123,10 +123,9 @@ class TrapoModule(L.LightningModule):
             max_response_tokens: Longest response, expert prefix included (paper: 8192); also the constant
                 normaliser C of the loss.
             rollout_temperature: Sampling temperature of training rollouts (paper: 1.0).
-            val_temperature: Sampling temperature of validation (paper: 0.6).
-            val_samples: Answers sampled per validation/test problem, n of avg@n and pass@k (paper: 32 for AIME24 and
-                AMC, else 1).
-            pass_at_k: The k of the unbiased pass@k logged per benchmark, each in [1, val_samples].
+            evaluation: How validation and test score the model (`trapo_lightning.evaluation.EvalProtocol`): answers
+                per problem (per benchmark), temperature and top-p, pass@k, averages over benchmarks (default: the
+                paper's protocol, one answer per problem at temperature 0.6).
             loss: The objective (`trapo_lightning.losses.TrapoLoss`): SFT and RL variants, trust-region alpha, clip
                 ranges, KL, entropy bonus, normaliser and the rollout importance correction (default: the paper's).
             advantage_std_scaling: Divide advantages by the group's reward std (GRPO); off in Dr.GRPO and the paper.
@@ -174,13 +173,6 @@ class TrapoModule(L.LightningModule):
                 "share_prompt_forward needs the prompt's KV cache, which a checkpointed decoder layer cannot replay in "
                 "backward; set model.share_prompt_forward to false (or leave it unset) with activation_checkpointing"
             )
-        if val_samples < 1:
-            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
-        if len(set(pass_at_k)) < len(pass_at_k) or not all(1 <= k <= val_samples for k in pass_at_k):
-            raise ValueError(
-                f"pass_at_k must hold distinct k in [1, val_samples], got {list(pass_at_k)} with val_samples "
-                f"{val_samples}; raise model.val_samples or drop the larger k"
-            )
         self.automatic_optimization = False
         self.policy_source = policy
         self.rollout = rollout or HFGenerateEngine()
@@ -192,9 +184,7 @@ class TrapoModule(L.LightningModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.train_sampling = SamplingParams(temperature=rollout_temperature)
-        self.val_sampling = SamplingParams(temperature=val_temperature)
-        self.val_samples = val_samples
-        self.pass_at_k = tuple(pass_at_k)
+        self.evaluation = evaluation or EvalProtocol()
         self.benchmark_metrics = torch.nn.ModuleDict()  # one BenchmarkMetrics per metric prefix, made on first use
         self.loss = loss or TrapoLoss()
         self.advantage_std_scaling = advantage_std_scaling
@@ -223,6 +213,9 @@ class TrapoModule(L.LightningModule):
         # Before any model is loaded: a run whose callbacks conflict fails in seconds (`callback_rules`).
         check_callbacks(self.trainer.callbacks)
         self.trainer.callbacks[:] = in_hook_order(self.trainer.callbacks)
+        benchmarks = getattr(self.trainer.datamodule, "benchmark_names", None)
+        if benchmarks is not None:
+            self.evaluation.check_benchmarks(benchmarks)
 
     # -- models ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -468,46 +461,3 @@ class TrapoModule(L.LightningModule):
         return self._scores(self.reference, chunk)[0]
 
     # -- validation -----------------------------------------------------------------------------------------------
-    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Evaluates one batch of a benchmark. Returns {"evaluation": its graded samples, "benchmark": the
-        benchmark's name}, which Lightning hands to callbacks' `on_validation_batch_end` as `outputs`
-        (`CompletionsTable` writes what the model answered)."""
-        return self._evaluate_and_log(batch, "val", self._benchmark_name(dataloader_idx), batch_idx)
-
-    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """As `validation_step`, logged under `test/`."""
-        return self._evaluate_and_log(batch, "test", self._benchmark_name(dataloader_idx), batch_idx)
-
-    def evaluate(self, batch: PromptBatch, prefix: str, batch_idx: int = 0) -> Evaluation:
-        """`val_samples` unguided samples per prompt at the validation temperature, graded. The sampling seed
-        depends on (prefix, step, batch), not on what ran before, so validations are comparable and a resumed run
-        evaluates as the uninterrupted one did; one sample per prompt draws exactly what it always did."""
-        n = self.val_samples
-        requests = [RolloutRequest(r.prompt_ids, self.max_response_tokens) for r in batch.records for _ in range(n)]
-        sampling = replace(self.val_sampling, seed=self._sampling_seed(prefix, self.global_step, batch_idx))
-        self.rollout.wake()
-        generations = self.rollout.generate(requests, sampling)
-        self.rollout.sleep()
-        texts = self.tokenizer.batch_decode([g.token_ids for g in generations], skip_special_tokens=True)
-        results = self.reward(texts, [r.answer for r in batch.records for _ in range(n)])
-        return Evaluation(results, generations, n)
-
-    def _benchmark_name(self, dataloader_idx: int) -> str:
-        return getattr(self.trainer.datamodule, "benchmark_names", [HELD_OUT])[dataloader_idx]
-
-    def _evaluate_and_log(self, batch: PromptBatch, stage: str, benchmark: str, batch_idx: int) -> dict:
-        """Accumulate the batch into the benchmark's metrics; Lightning computes (summed over ranks) and resets
-        them at the end of the epoch. Returns the step's outputs (see `validation_step`)."""
-        prefix = metric_prefix(stage, benchmark)
-        if prefix not in self.benchmark_metrics:
-            with torch.inference_mode(False):  # states made in inference mode could not be updated outside it
-                self.benchmark_metrics[prefix] = BenchmarkMetrics(self.val_samples, self.pass_at_k).to(self.device)
-        metrics = self.benchmark_metrics[prefix]
-        evaluation = self.evaluate(batch, prefix, batch_idx)
-        metrics.update(evaluation)
-        for name, metric in metrics.items():
-            self.log(
-                f"{prefix}/{name}", metric, prog_bar=name == "accuracy", add_dataloader_idx=False,
-                metric_attribute=f"benchmark_metrics.{prefix}.{name}",
-            )
-        return {"evaluation": evaluation, "benchmark": benchmark}
