@@ -181,19 +181,20 @@ def test_a_bad_solutions_list_names_file_line_and_field(write_jsonl, bad, reason
 
 
 def test_mapped_solutions_and_mapping_one_field_away(write_jsonl):
+    def load(name, rows, fields=None):
+        return JsonlSource([write_jsonl(name, rows)], fields=fields).load("train")[0]
+
     row = {"question": "Compute 1 + 2.", "solution": "a human's", "traces": [SECOND], "final": "3"}
-    path = write_jsonl("mapped.jsonl", [row])
     fields = FieldMap(problem="question", solution=None, solutions="traces", answer="final")
-    assert JsonlSource([path], fields=fields).load("train")[0][0].solutions == (SECOND,)  # 'solution' is not read
+    assert load("mapped.jsonl", [row], fields)[0].solutions == (SECOND,)  # 'solution' is mapped away, not read
+    without = {key: value for key, value in row.items() if key != "traces"}
     with pytest.raises(InvalidRecord, match=r"field 'traces' \(the solutions field\) is missing") as raised:
-        JsonlSource([write_jsonl("none.jsonl", [{k: v for k, v in row.items() if k != "traces"}])], fields=fields
-                    ).load("train")
+        load("none.jsonl", [without], fields)
     assert raised.value.reason == "missing_solutions"
+    both = dict(LISTED, solution="x")
     with pytest.raises(InvalidRecord, match="both 'solution' and 'solutions'"):
-        JsonlSource([write_jsonl("both.jsonl", [dict(LISTED, solution="x")])]).load("train")
-    only_one = FieldMap(solutions=None)  # the list is not read: a row with both is a one-solution row
-    assert JsonlSource([write_jsonl("both.jsonl", [dict(LISTED, solution="x")])], fields=only_one).load("train")[
-        0][0].solutions == ("x",)
+        load("both.jsonl", [both])
+    assert load("both.jsonl", [both], FieldMap(solutions=None))[0].solutions == ("x",)  # the list is not read
     with pytest.raises(ValueError, match="map `solution` or `solutions`"):
         FieldMap(solution=None, solutions=None)
 
