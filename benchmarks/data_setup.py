@@ -71,7 +71,7 @@ def long_records(rows: int, chars: int) -> list[MathRecord]:
             text = rng.choice(written)["solution"]
             parts.append("".join(str(rng.randrange(10)) if c.isdigit() else c for c in text))
             length += len(parts[-1]) + 2
-        records.append(MathRecord(rng.choice(written)["problem"], "\n\n".join(parts), "1", f"row {index}"))
+        records.append(MathRecord(rng.choice(written)["problem"], ("\n\n".join(parts),), "1", f"row {index}"))
     return records
 
 
@@ -82,11 +82,12 @@ def main() -> None:
     start, cpu = time.perf_counter(), time.process_time()
     stream = PromptStream(records, tokenizer, PromptTemplate(), args.batch, 1024, 8192, shuffle=True, drop_last=True)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    tokens = len(stream.tokens.solutions.ids) + len(stream.tokens.prompts.ids)
-    packed = sum(a.itemsize * len(a) for p in (stream.tokens.prompts, stream.tokens.solutions)
+    solution_tokens = sum(len(p.ids) for p in stream.tokens.solutions)
+    tokens = solution_tokens + len(stream.tokens.prompts.ids)
+    packed = sum(a.itemsize * len(a) for p in (stream.tokens.prompts, *stream.tokens.solutions)
                  for a in (p.ids, p.offsets))
     scale = args.project_rows / args.rows
-    print(f"{args.rows} rows: {len(stream.tokens.solutions.ids) / args.rows:.0f} solution tokens a row, "
+    print(f"{args.rows} rows: {solution_tokens / args.rows:.0f} solution tokens a row, "
           f"{tokens / 1e6:.1f}M tokens in all")
     print(f"setup pass: {seconds:.1f} s ({cpu:.1f} s of CPU), {tokens / seconds / 1e6:.2f}M tokens/s, "
           f"{tokens / cpu / 1e6:.2f}M tokens per CPU-second; packed ids {packed / 1e6:.0f} MB")

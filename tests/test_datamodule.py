@@ -99,7 +99,7 @@ def test_over_long_solution_is_skipped_and_counted(tiny_tokenizer):
     short, long = "1 + 1 = 2\n\n\\boxed{2}", "1 + 1 = 2\n\n2 + 1 = 3\n\n\\boxed{3}"
     limit = len(tiny_tokenizer(short)["input_ids"]) + 1  # the short solution + EOS fits exactly
     assert len(tiny_tokenizer(long)["input_ids"]) + 1 > limit
-    records = [MathRecord("Compute 1 + 1.", text, "2", source=name) for name, text in zip("abc", (short, long, short))]
+    records = [MathRecord("Compute 1 + 1.", (text,), "2", name) for name, text in zip("abc", (short, long, short))]
     batches = list(stream(records, tiny_tokenizer, max_response_tokens=limit, shuffle=False))
     assert sources_of(batches) == ["a", "c"]
     assert [b.skipped for b in batches] == [{}, {"solution_too_long": 1}]
@@ -112,7 +112,7 @@ def test_one_length_rule_without_special_tokens_for_a_tokenizer_that_adds_bos():
     n = len(tokenizer(fits, add_special_tokens=False)["input_ids"])
     assert tokenizer(fits)["input_ids"][0] == tokenizer.bos_token_id  # n + 1 ids with special tokens
     prompt = PromptTemplate().token_ids(tokenizer, "Compute 1 + 1.")
-    records = [MathRecord("Compute 1 + 1.", text, "2", source=name) for name, text in (("over", over), ("fits", fits))]
+    records = [MathRecord("Compute 1 + 1.", (text,), "2", name) for name, text in (("over", over), ("fits", fits))]
     data = stream(records, tokenizer, max_prompt_tokens=len(prompt), max_response_tokens=n + 1, shuffle=False)
     (batch,) = list(data)
     (record,) = batch.records
@@ -125,8 +125,8 @@ def test_one_length_rule_without_special_tokens_for_a_tokenizer_that_adds_bos():
 def test_too_long_records_are_known_before_streaming_and_summarised(tiny_tokenizer):
     short, long = "1 + 1 = 2\n\n\\boxed{2}", "1 + 1 = 2\n\n2 + 1 = 3\n\n\\boxed{3}"
     limit = len(tiny_tokenizer(short, add_special_tokens=False)["input_ids"]) + 1
-    records = [MathRecord("Compute 1 + 1.", text, "2", source=str(i)) for i, text in enumerate([short, long, long])]
-    records.append(MathRecord("Compute " + "1 + " * 300 + "1.", short, "2", source="long prompt"))
+    records = [MathRecord("Compute 1 + 1.", (text,), "2", source=str(i)) for i, text in enumerate([short, long, long])]
+    records.append(MathRecord("Compute " + "1 + " * 300 + "1.", (short,), "2", source="long prompt"))
     data = stream(records, tiny_tokenizer, max_prompt_tokens=200, max_response_tokens=limit)
     assert data.skip_reasons == [None, "solution_too_long", "solution_too_long", "prompt_too_long"]
     assert data.summary("train", {"empty_solution": 1}) == (
@@ -136,6 +136,71 @@ def test_too_long_records_are_known_before_streaming_and_summarised(tiny_tokeniz
     assert data.skipped == {}  # the per-step counts still grow as the stream meets the records
     list(data)
     assert data.skipped == {"solution_too_long": 2, "prompt_too_long": 1}
+
+
+def test_an_over_long_solution_is_dropped_while_one_fits_and_the_record_stays(tiny_tokenizer):
+    # by the tiny tokenizer short and other are 13 ids each, + EOS = 14 = the limit; long is 22 ids
+    short, long = "1 + 1 = 2\n\n\\boxed{2}", "1 + 1 = 2\n\n2 + 1 = 3\n\n\\boxed{3}"
+    other = "2 = 1 + 1\n\n\\boxed{2}"
+    limit = len(tiny_tokenizer(short, add_special_tokens=False)["input_ids"]) + 1
+    assert [len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (short, other, long)] == [13, 13, 22]
+    solutions = {"both fit": (short, other), "second long": (short, long), "first long": (long, other),
+                 "none fits": (long, long), "one": (short,)}
+    records = [MathRecord("Compute 1 + 1.", texts, "2", source=name) for name, texts in solutions.items()]
+    data = stream(records, tiny_tokenizer, max_response_tokens=limit, shuffle=False)
+    kept = {r.source: r for batch in data for r in batch.records}
+    assert {name: r.solutions for name, r in kept.items()} == {
+        "both fit": (short, other), "second long": (short,), "first long": (other,), "one": (short,)
+    }
+    for record in kept.values():  # each text with its own ids, the fitting ones only
+        assert [tiny_tokenizer.decode(ids) for ids in record.solutions_ids] == list(record.solutions)
+    assert data.skip_reasons == [None, None, None, "solution_too_long", None]  # only a record none of which fits
+    assert data.skipped == {"solution_too_long": 1}  # dropped solutions are not skipped records
+    assert data.summary("train", {}) == (
+        "train data: 5 rows read, 4 kept; 1 too long skipped (solution_too_long: 1; limits: prompt 1024 tokens, "
+        f"solution + EOS {limit}); 1 kept records carry a second expert solution, for the whole-solution "
+        "micro-group (2 over-long solutions dropped, their records kept with the one that fits)"
+    )
+
+
+def test_solutions_beyond_the_second_are_neither_tokenized_nor_used(tiny_tokenizer):
+    texts = tuple(f"{i} + 1 = {i + 1}\n\n\\boxed{{{i + 1}}}" for i in range(4))
+    records = [MathRecord("Compute 1 + 1.", texts, "2", source="four"), MathRecord("Compute 1 + 1.", texts[:1], "2")]
+    data = stream(records, tiny_tokenizer, shuffle=False)
+    assert [len(packed) for packed in data.tokens.solutions] == [2, 2]  # two records, two solution slots
+    assert data.tokens.solutions[1][1] == ()  # the one-solution record has no second
+    first = next(iter(data)).records[0]
+    assert first.solutions == texts[:2] and len(first.solutions_ids) == 2
+    assert data.summary("val", {}).endswith(
+        "1 kept records carry a second expert solution, for the whole-solution micro-group (2 solutions beyond the "
+        "first 2 of a record unused)"
+    )
+
+
+def test_single_solution_splits_say_nothing_of_second_solutions(tiny_tokenizer):
+    data = stream(SyntheticArithmetic().records("train", 4), tiny_tokenizer)
+    assert data.summary("train", {}) == "train data: 4 rows read, 4 kept"
+
+
+def test_the_datamodule_streams_every_solution_of_jsonl_and_synthetic_records(tiny_policy_dir, write_jsonl):
+    listed = dict(row(0), solutions=[row(0)["solution"], "1 = 0 + 1\n\n\\boxed{1}"])
+    del listed["solution"]
+    train = write_jsonl("train.jsonl", [listed, row(1)])
+    data = TrapoDataModule(tiny_policy_dir, JsonlSource([train], val_files=[train]), prompts_per_step=2)
+    data.setup("fit")
+    (batch,) = list(data.train_dataloader())
+    by_source = {r.source: r for r in batch.records}
+    assert by_source[f"{train}:1"].solutions == tuple(listed["solutions"])
+    assert by_source[f"{train}:2"].solutions == (row(1)["solution"],)
+    assert [r.solutions for r in next(iter(data.val_dataloader())).records] == [(), ()]  # a benchmark needs none
+
+    task = SyntheticArithmetic(alternatives=1)
+    data = TrapoDataModule(tiny_policy_dir, SyntheticSource(task, train_size=4, val_size=2), prompts_per_step=4)
+    data.setup("fit")
+    (batch,) = list(data.train_dataloader())
+    expected = {r.source: r.solutions for r in task.records("train", 4)}
+    assert {r.source: r.solutions for r in batch.records} == expected
+    assert all(len(r.solutions_ids) == len(r.solutions) == 2 for r in batch.records)
 
 
 def test_setup_prints_what_each_split_kept_and_skipped(tiny_policy_dir, write_jsonl, caplog):
@@ -183,7 +248,8 @@ def test_drop_last_keeps_only_full_batches(tiny_tokenizer):
 
 def test_resuming_after_any_batch_replays_exactly_what_follows(tiny_tokenizer):
     # 9 records, batches of 2, drop_last: 4 batches an epoch; one prompt too long is skipped in each epoch
-    records = SyntheticArithmetic().records("train", 8) + [MathRecord("Compute " + "1 + " * 300 + "1.", "x", "1", "long")]
+    long_prompt = MathRecord("Compute " + "1 + " * 300 + "1.", ("x",), "1", "long")
+    records = SyntheticArithmetic().records("train", 8) + [long_prompt]
     options = dict(batch_size=2, drop_last=True, seed=3, max_prompt_tokens=100)
     reference = stream(records, tiny_tokenizer, **options)
     straight = list(reference) + list(reference) + list(reference)  # three epochs

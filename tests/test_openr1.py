@@ -1,4 +1,4 @@
-"""The OpenR1-Math layout: the expert trace is the <think> text of the first generation marked correct.
+"""The OpenR1-Math layout: the expert traces are the <think> text of the first two generations marked correct.
 
 Rows are written in OpenR1-Math-220k's columns (problem, answer, generations, correctness_math_verify) to real
 .jsonl, .parquet and `save_to_disk` files and read back through `OpenR1MathSource`; a bad row must name where it is
@@ -19,6 +19,8 @@ R1_RIGHT = "<think>\nFirst, 7 + 5 = 12.\n\nCheck: 12 - 5 = 7.\n</think>\n\nSo 7 
 R1_ALSO_RIGHT = "<think>\n7 + 5 is 12.\n</think>\n\n\\boxed{12}"
 # the trace of R1_RIGHT, with the reference answer appended because the thinking itself boxes nothing
 TRACE = "First, 7 + 5 = 12.\n\nCheck: 12 - 5 = 7.\n\n\\boxed{12}"
+R1_WRONG_TRACE = "7 + 5 = 13\n\n\\boxed{12}"  # marked correct in some tests: marks are trusted, not re-graded
+ALSO_TRACE = "7 + 5 is 12.\n\n\\boxed{12}"  # R1_ALSO_RIGHT's, the same way
 
 
 def openr1_row(**overrides) -> dict:
@@ -36,8 +38,34 @@ def record_of(row, **kwargs) -> MathRecord:
     return openr1_record(row, "x.parquet:row 0", OpenR1Fields(), need_solution=True, **kwargs)
 
 
-def test_the_trace_is_the_thinking_of_the_first_correct_generation_plus_the_answer():
-    assert record_of(openr1_row()) == MathRecord("Compute 7 + 5.", TRACE, "12", source="x.parquet:row 0")
+def test_the_traces_are_the_thinking_of_the_first_two_correct_generations_plus_the_answer():
+    expected = MathRecord("Compute 7 + 5.", (TRACE, ALSO_TRACE), "12", source="x.parquet:row 0")
+    assert record_of(openr1_row()) == expected
+    assert record_of(openr1_row(), traces=1) == MathRecord("Compute 7 + 5.", (TRACE,), "12", source="x.parquet:row 0")
+
+
+@pytest.mark.parametrize(
+    "marks, expected",
+    [
+        ([False, True, False], (TRACE,)),  # one correct: one solution, as before
+        ([True, None, True], (R1_WRONG_TRACE, ALSO_TRACE)),  # None is no mark: the first two True ones
+        ([True, True, True], (R1_WRONG_TRACE, TRACE)),  # a third correct one is not used
+    ],
+)
+def test_one_solution_per_correct_generation_up_to_two(marks, expected):
+    assert record_of(openr1_row(correctness_math_verify=marks)).solutions == expected
+
+
+def test_every_trace_verifies_against_the_answer():
+    record = record_of(openr1_row())
+    results = MathVerifyReward(isolate=False)(list(record.solutions), [record.answer] * 2)
+    assert [r.verdict for r in results] == [Verdict.correct] * 2
+
+
+@pytest.mark.parametrize("traces", [0, 3])
+def test_expert_traces_is_one_or_two(traces):
+    with pytest.raises(ValueError, match="expert_traces must be 1 or 2"):
+        OpenR1MathSource(expert_traces=traces)
 
 
 def test_a_trace_that_boxes_its_answer_is_kept_as_it_is():
@@ -68,6 +96,14 @@ def test_without_append_answer_an_unboxed_trace_is_malformed():
     assert raised.value.reason == "trace_without_boxed"
 
 
+def test_without_append_answer_an_unboxed_second_trace_is_malformed():
+    boxed = "<think>\n7 + 5 = 12, so \\boxed{12}\n</think>\n\n\\boxed{12}"
+    row = openr1_row(generations=[boxed, R1_ALSO_RIGHT], correctness_math_verify=[True, True])
+    with pytest.raises(InvalidRecord, match=r"the reasoning of the second correct generation has no \\boxed\{\}"):
+        record_of(row, append_answer=False)
+    assert record_of(row, append_answer=False, traces=1).solutions == ("7 + 5 = 12, so \\boxed{12}",)
+
+
 # (row overrides, skip reason, text the message must contain besides the place)
 BAD_ROWS = [
     (dict(correctness_math_verify=[False, False, None]), "no_correct_generation",
@@ -81,6 +117,13 @@ BAD_ROWS = [
     (dict(generations="<think>x</think>"), "non_list_generations", "field 'generations' must be a list, got str"),
     (dict(generations=[None, 3], correctness_math_verify=[False, True]), "non_string_generation",
      "field 'generations'[1] must be a string, got int"),
+    # a malformed second trace makes the row malformed as a first one would, naming which it is
+    (dict(generations=[R1_RIGHT, "no thinking \\boxed{12}"], correctness_math_verify=[True, True]), "unclosed_think",
+     "the second correct generation in 'generations' has no </think>"),
+    (dict(generations=[R1_RIGHT, "<think></think>"], correctness_math_verify=[True, True]), "empty_trace",
+     "the second correct generation in 'generations' has nothing inside"),
+    (dict(generations=[R1_RIGHT, None, 3], correctness_math_verify=[True, None, True]), "non_string_generation",
+     "field 'generations'[2] must be a string, got int"),
     (dict(answer=""), "empty_answer", "field 'answer' is empty"),
     (dict(problem=None), "non_string_problem", "field 'problem' must be a string"),
     (dict(answer="\\frac{1}{"), "unparseable_answer", "field 'answer' is \"\\frac{1}{\": math-verify cannot parse it"),
@@ -129,7 +172,7 @@ def test_skip_invalid_counts_per_reason_and_keeps_good_rows(write_jsonl):
 def test_validation_rows_need_problem_and_answer_only(write_jsonl):
     path = write_jsonl("bench.jsonl", [{"problem": "Compute 7 + 5.", "answer": "12"}])
     records, _ = OpenR1MathSource(val_files=[path]).load("val")
-    assert records == [MathRecord("Compute 7 + 5.", "", "12", source=f"{path}:1")]
+    assert records == [MathRecord("Compute 7 + 5.", (), "12", source=f"{path}:1")]
     bad = write_jsonl("bad_bench.jsonl", [{"problem": "Compute 7 + 5.", "answer": "\\frac{1}{"}])
     with pytest.raises(InvalidRecord, match=r"bad_bench\.jsonl:1: field 'answer' is") as raised:
         OpenR1MathSource(val_files=[bad]).load("val")  # a benchmark's answers are checked too
@@ -152,10 +195,13 @@ def test_parquet_and_save_to_disk_read_the_same_records(tmp_path, write_jsonl):
     for name, path in (("jsonl", jsonl), ("parquet", str(parquet)), ("disk", str(folder))):
         records, skipped = OpenR1MathSource([path], skip_invalid=True).load("train")
         assert skipped == Counter(no_correct_generation=1)
-        loaded[name] = [(r.problem, r.solution, r.answer) for r in records]
+        loaded[name] = [(r.problem, r.solutions, r.answer) for r in records]
         assert [r.source for r in records][1].endswith(":3" if name == "jsonl" else ":row 2")
     assert loaded["jsonl"] == loaded["parquet"] == loaded["disk"]
-    assert loaded["jsonl"] == [("Compute 0 + 5.", TRACE, "12"), ("Compute 2 + 5.", TRACE, "12")]
+    both = (TRACE, ALSO_TRACE)
+    assert loaded["jsonl"] == [("Compute 0 + 5.", both, "12"), ("Compute 2 + 5.", both, "12")]
+    records, _ = OpenR1MathSource([str(parquet)], skip_invalid=True, expert_traces=1).load("train")
+    assert [r.solutions for r in records] == [(TRACE,), (TRACE,)]
     with pytest.raises(InvalidRecord, match=r"openr1\.parquet:row 1: no generation in 'generations'"):
         OpenR1MathSource([str(parquet)]).load("train")
 

@@ -127,7 +127,7 @@ SOLUTION = "So the sum is 5.\n\nthe rest is 7.\n\nSo the answer is 12. It is the
 def prefixer_and_record(make, cut: PrefixCut | None = None) -> tuple[ExpertPrefixer, PromptRecord]:
     tokenizer = make()
     ids = tuple(tokenizer(SOLUTION, add_special_tokens=False)["input_ids"])
-    return ExpertPrefixer(tokenizer, cut), PromptRecord((), "Problem?", SOLUTION, "12", "test", ids)
+    return ExpertPrefixer(tokenizer, cut), PromptRecord((), "Problem?", (SOLUTION,), "12", "test", (ids,))
 
 
 @pytest.mark.parametrize("make", [qwen_style, gpt2_style])
@@ -188,6 +188,13 @@ def test_ratio_one_is_the_whole_solution_and_eos_and_zero_is_nothing(make):
 
 
 def test_a_record_with_a_solution_must_carry_its_ids():
-    with pytest.raises(ValueError, match="has a solution but no solution_ids"):
-        PromptRecord((1,), "Problem?", SOLUTION, "12", "train.jsonl:3")
-    assert PromptRecord((1,), "Problem?", "", "12").solution_ids == ()  # a benchmark record: no solution
+    with pytest.raises(ValueError, match="has 1 solutions but token ids of 0: every solution needs its solutions_ids"):
+        PromptRecord((1,), "Problem?", (SOLUTION,), "12", "train.jsonl:3")
+    with pytest.raises(ValueError, match="has 2 solutions but token ids of 1"):
+        PromptRecord((1,), "Problem?", (SOLUTION, SOLUTION), "12", "train.jsonl:3", ((5, 6), ()))
+    with pytest.raises(ValueError, match="carries 3 solutions; at most 2 guide"):
+        PromptRecord((1,), "Problem?", (SOLUTION,) * 3, "12", "train.jsonl:3", ((5,),) * 3)
+    with pytest.raises(TypeError, match=r"solutions must be a tuple of non-empty strings \(one solution: \(text,\)\)"):
+        PromptRecord((1,), "Problem?", SOLUTION, "12", "train.jsonl:3", ((5,),))  # a string is not a tuple of them
+    benchmark = PromptRecord((1,), "Problem?", (), "12")  # no solution
+    assert (benchmark.solution, benchmark.solution_ids, benchmark.trace_ids(1.0)) == ("", (), ())

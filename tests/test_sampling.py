@@ -6,10 +6,12 @@ can be worked out by hand.
 """
 
 import pytest
+import torch
 
 from helpers import ScriptedEngine, ScriptedGrader, tiny_qwen2
 from trapo_lightning.data.records import PromptRecord
 from trapo_lightning.guidance import MicroGroupGuidance, NoGuidance
+from trapo_lightning.masks import prefix_loss_carriers, response_masks
 from trapo_lightning.reward import Verdict
 from trapo_lightning.rollout.base import RolloutRequest, SamplingParams
 from trapo_lightning.sampling import ExpertPrefixer, decided_micro_groups, sample_micro_groups
@@ -61,7 +63,7 @@ def continuation(tokenizer) -> tuple[int, ...]:
 def make_records(tokenizer) -> list[PromptRecord]:
     solution_ids = ids(tokenizer, SOLUTION)
     return [
-        PromptRecord(ids(tokenizer, f"Problem {name}?"), f"Problem {name}?", SOLUTION, name, name, solution_ids)
+        PromptRecord(ids(tokenizer, f"Problem {name}?"), f"Problem {name}?", (SOLUTION,), name, name, (solution_ids,))
         for name in SCRIPT
     ]
 
@@ -250,3 +252,90 @@ def test_expert_prefixer_cuts_on_paragraphs_and_ends_the_full_solution_with_eos(
     assert tokenizer.decode(prefixer(record, 0.25)) == PREFIX_25
     assert tokenizer.decode(prefixer(record, 0.5)) == PREFIX_50
     assert tokenizer.decode(full, skip_special_tokens=True) == SOLUTION
+
+
+# -- two expert solutions: prefixes from the primary, the whole-solution micro-group from the second -----------------
+# Another expert's shorter work on the same sum: 16 tokens ("1", "2", " +", " ", "6", " ", "=", " ", "1", "8", "\n\n",
+# "\\boxed", "{", "1", "8", "}"), 17 with EOS, where SOLUTION is 44.
+SECOND = "12 + 6 = 18\n\n\\boxed{18}"
+
+
+def two_solution_records(tokenizer) -> list[PromptRecord]:
+    second = ids(tokenizer, SECOND)
+    return [
+        PromptRecord(r.prompt_ids, r.problem, (SOLUTION, SECOND), r.answer, r.source, (r.solution_ids, second))
+        for r in make_records(tokenizer)
+    ]
+
+
+def test_the_prefixer_cuts_partial_prefixes_from_the_primary_and_the_whole_from_the_second(tokenizer):
+    prefixer = ExpertPrefixer(tokenizer)
+    record = two_solution_records(tokenizer)[0]
+    assert prefixer(record, 0.0) == ()
+    assert prefixer(record, 0.25) == expert_prefix(tokenizer, PREFIX_25_TOKENS)  # as with one solution
+    assert prefixer(record, 0.5) == expert_prefix(tokenizer, PREFIX_50_TOKENS)
+    assert prefixer(record, 1.0) == ids(tokenizer, SECOND) + (tokenizer.eos_token_id,)
+    # with one solution, every ratio uses it (today's behaviour)
+    assert prefixer(make_records(tokenizer)[0], 1.0) == ids(tokenizer, SOLUTION) + (tokenizer.eos_token_id,)
+
+
+def sample_tensors(row) -> dict[str, torch.Tensor]:
+    """One prompt's samples as the [B] tensors the masks take."""
+    return {
+        "prompt": torch.tensor([s.prompt_index for s in row]),
+        "micro_group": torch.tensor([s.micro_group for s in row]),
+        "prefix_len": torch.tensor([s.prefix_len for s in row]),
+        "response_len": torch.tensor([len(s.response_ids) for s in row]),
+    }
+
+
+def expert_tokens_counted(row) -> int:
+    """Expert tokens that carry the SFT loss in one prompt's group, from the real masks."""
+    t = sample_tensors(row)
+    carriers = prefix_loss_carriers(t["prompt"], t["micro_group"], t["prefix_len"])
+    width = int(t["response_len"].max())
+    return int(response_masks(t["prefix_len"], t["response_len"], carriers, width).expert.sum())
+
+
+def test_two_solutions_change_only_the_whole_solution_samples(tokenizer, scenario):
+    _, _, _, one_solution = scenario
+    engine = ScriptedEngine(continuation(tokenizer), logprob=-0.25)
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    grader = ScriptedGrader(SCRIPT)
+    records = two_solution_records(tokenizer)
+    samples = sample_micro_groups(
+        records, MicroGroupGuidance(), engine, grader, ExpertPrefixer(tokenizer), SamplingParams(), MAX_RESPONSE_TOKENS
+    )
+    second = ids(tokenizer, SECOND) + (tokenizer.eos_token_id,)
+    for row, before in zip(samples, one_solution):
+        assert [s.prefix_ratio for s in row] == [s.prefix_ratio for s in before]  # same rewards, same decisions
+        for s, b in zip(row, before):
+            if s.prefix_ratio == 1.0:
+                assert (s.response_ids, s.prefix_len, s.rollout_logprobs) == (second, len(second), ())
+            else:
+                assert s == b
+    graded_last = {answer: text for call in grader.calls for text, answer in call}
+    assert graded_last == {"p0": "42", "p1": SECOND, "p2": SECOND, "p3": SECOND}
+    # the masks count each micro-group's prefix once, whichever solution it came from. p1 is guided at 0.25 (two
+    # rollouts share the 18-token prefix), 0.5 (28 tokens) and 1.0 (SECOND + EOS, 17 tokens): 18 + 28 + 17 = 63;
+    # with one solution the last is SOLUTION + EOS, 45 tokens: 18 + 28 + 45 = 91
+    p1 = next(i for i, r in enumerate(records) if r.answer == "p1")
+    assert len(second) == 17
+    assert expert_tokens_counted(samples[p1]) == 63
+    assert expert_tokens_counted(one_solution[p1]) == 18 + 28 + 45
+
+
+def test_rollouts_of_one_micro_group_share_one_solution_and_its_loss_once(tokenizer):
+    # two rollouts always guided by the whole solution (as FixedPrefix(prefix_ratio=1.0) builds it): both are the
+    # second solution + EOS, and only the first carries its SFT loss
+    guidance = MicroGroupGuidance(sizes=[2, 2], thresholds=[-1.0, float("inf")], prefix_ratios=[0.0, 1.0])
+    engine = ScriptedEngine(continuation(tokenizer))
+    engine.bind(None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    records = [r for r in two_solution_records(tokenizer) if r.answer == "p1"]
+    (row,) = sample_micro_groups(records, guidance, engine, ScriptedGrader({"p1": [[0, 0], [1, 1]]}),
+                                 ExpertPrefixer(tokenizer), SamplingParams(), MAX_RESPONSE_TOKENS)
+    second = ids(tokenizer, SECOND) + (tokenizer.eos_token_id,)
+    assert [s.response_ids for s in row[2:]] == [second, second]
+    t = sample_tensors(row)
+    assert prefix_loss_carriers(t["prompt"], t["micro_group"], t["prefix_len"]).tolist() == [False, False, True, False]
+    assert expert_tokens_counted(row) == len(second) == 17

@@ -78,7 +78,7 @@ def test_field_mapping(write_jsonl):
     path = write_jsonl("mapped.jsonl", [row])
     fields = FieldMap(problem="question", solution="reasoning", answer="final")
     records, skipped = JsonlSource([path], fields=fields).load("train")
-    assert records == [MathRecord("Compute 4 - 1.", "4 - 1 = 3\n\n\\boxed{3}", "3", source=f"{path}:1")]
+    assert records == [MathRecord("Compute 4 - 1.", ("4 - 1 = 3\n\n\\boxed{3}",), "3", source=f"{path}:1")]
     assert not skipped
 
 
@@ -130,9 +130,80 @@ def test_val_rows_need_no_solution(write_jsonl):
 
 def test_parse_row_directly():
     raw = b'{"problem": "p", "solution": "s", "answer": "a"}'
-    assert parse_row(raw, "x.jsonl:3", FieldMap(), need_solution=True) == MathRecord("p", "s", "a", "x.jsonl:3")
+    assert parse_row(raw, "x.jsonl:3", FieldMap(), need_solution=True) == MathRecord("p", ("s",), "a", "x.jsonl:3")
     with pytest.raises(InvalidRecord, match=r"^x\.jsonl:3: field 'answer' must be a string, got int 42$"):
         parse_row(b'{"problem": "p", "solution": "s", "answer": 42}', "x.jsonl:3", FieldMap(), need_solution=True)
+
+
+# -- several expert solutions: a `solutions` list instead of one `solution` -------------------------------------------
+SECOND = "2 + 1 = 3\n\n\\boxed{3}"
+LISTED = {"problem": "Compute 1 + 2.", "solutions": [GOOD["solution"], SECOND], "answer": "3"}
+
+# (bad row, skip reason, text the message must contain besides file:line)
+BAD_LISTS = [
+    (dict(LISTED, solutions=GOOD["solution"]), "non_list_solutions",
+     "field 'solutions' must be a list of strings, got str"),
+    (dict(LISTED, solutions=[]), "empty_solutions", "field 'solutions' is an empty list"),
+    (dict(LISTED, solutions=[GOOD["solution"], 3]), "non_string_solutions",
+     "field 'solutions'[1] must be a string, got int 3"),
+    (dict(LISTED, solutions=[GOOD["solution"], " \n "]), "empty_solutions", "field 'solutions'[1] is empty"),
+    (dict(LISTED, solution=GOOD["solution"]), "ambiguous_solutions",
+     "the row has both 'solution' and 'solutions'; give one, or map the other away"),
+    ({"problem": "Compute 1 + 2.", "answer": "3"}, "missing_solution",
+     "field 'solution' is missing (or 'solutions', a list of them)"),
+]
+
+
+def test_a_solutions_list_gives_every_solution_in_order(write_jsonl):
+    three = dict(LISTED, solutions=[*LISTED["solutions"], "3 = 3\n\n\\boxed{3}"])
+    path = write_jsonl("train.jsonl", [GOOD, LISTED, three, dict(LISTED, solutions=[SECOND])])
+    records, skipped = JsonlSource([path]).load("train")
+    assert [r.solutions for r in records] == [
+        (GOOD["solution"],), (GOOD["solution"], SECOND), (GOOD["solution"], SECOND, "3 = 3\n\n\\boxed{3}"), (SECOND,)
+    ]
+    assert records[1] == MathRecord("Compute 1 + 2.", (GOOD["solution"], SECOND), "3", f"{path}:2")
+    assert records[1].solution == GOOD["solution"]  # the primary
+    assert not skipped
+    # a null list is an absent one: a table with both columns fills one per row
+    records, _ = JsonlSource([write_jsonl("nulls.jsonl", [dict(GOOD, solutions=None)])]).load("train")
+    assert records[0].solutions == (GOOD["solution"],)
+
+
+@pytest.mark.parametrize("bad, reason, mentions", BAD_LISTS)
+def test_a_bad_solutions_list_names_file_line_and_field(write_jsonl, bad, reason, mentions):
+    path = write_jsonl("train.jsonl", [LISTED, bad, LISTED])
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:2: ") as raised:
+        JsonlSource([path]).load("train")
+    assert mentions in str(raised.value)
+    assert raised.value.reason == reason
+    records, skipped = JsonlSource([path], skip_invalid=True).load("train")
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:3"] and skipped == Counter({reason: 1})
+
+
+def test_mapped_solutions_and_mapping_one_field_away(write_jsonl):
+    def load(name, rows, fields=None):
+        return JsonlSource([write_jsonl(name, rows)], fields=fields).load("train")[0]
+
+    row = {"question": "Compute 1 + 2.", "solution": "a human's", "traces": [SECOND], "final": "3"}
+    fields = FieldMap(problem="question", solution=None, solutions="traces", answer="final")
+    assert load("mapped.jsonl", [row], fields)[0].solutions == (SECOND,)  # 'solution' is mapped away, not read
+    without = {key: value for key, value in row.items() if key != "traces"}
+    with pytest.raises(InvalidRecord, match=r"field 'traces' \(the solutions field\) is missing") as raised:
+        load("none.jsonl", [without], fields)
+    assert raised.value.reason == "missing_solutions"
+    both = dict(LISTED, solution="x")
+    with pytest.raises(InvalidRecord, match="both 'solution' and 'solutions'"):
+        load("both.jsonl", [both])
+    assert load("both.jsonl", [both], FieldMap(solutions=None))[0].solutions == ("x",)  # the list is not read
+    with pytest.raises(ValueError, match="map `solution` or `solutions`"):
+        FieldMap(solution=None, solutions=None)
+
+
+def test_every_listed_solution_needs_its_boxed_answer_when_required(write_jsonl):
+    path = write_jsonl("train.jsonl", [LISTED, dict(LISTED, solutions=[GOOD["solution"], "2 + 1 is 3"])])
+    with pytest.raises(InvalidRecord, match=r"train\.jsonl:2: field 'solutions'\[1\] has no \\boxed") as raised:
+        JsonlSource([path], require_boxed_solution=True).load("train")
+    assert raised.value.reason == "solution_without_boxed"
 
 
 # -- Parquet and Hugging Face datasets: the same contract, rows named `file:row i` ----------------------------------
@@ -201,6 +272,20 @@ def test_every_format_reads_mapped_columns_in_order(kind, tmp_path, write_jsonl)
     # the validation split of the same files needs no solution column mapping
     val, _ = source_class(val_files=[path], fields=FieldMap(problem="question", answer="final"), **extra).load("val")
     assert [(r.problem, r.solution) for r in val] == [(row["question"], "") for row in rows]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_reads_solution_lists_beside_single_solutions(kind, tmp_path, write_jsonl):
+    # one table with both columns, each row filling one (the other null), as a merged dataset would
+    rows = [dict(GOOD, solutions=None), dict(LISTED, solution=None), dict(LISTED, solution=None, solutions=[SECOND])]
+    source_class, extra, path, where = write_format(kind, tmp_path, write_jsonl, rows)
+    records, skipped = source_class([path], **extra).load("train")
+    assert [r.solutions for r in records] == [(GOOD["solution"],), (GOOD["solution"], SECOND), (SECOND,)]
+    assert not skipped
+    _, _, path, where = write_format(kind, tmp_path, write_jsonl, [rows[1], dict(LISTED, solution=None, solutions=[])])
+    with pytest.raises(InvalidRecord) as raised:
+        source_class([path], **extra).load("train")
+    assert str(raised.value) == f"{where}: field 'solutions' is an empty list"
 
 
 def test_a_missing_column_fails_on_the_first_row_naming_the_mapping(tmp_path):

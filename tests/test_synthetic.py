@@ -10,7 +10,8 @@ import re
 import pytest
 
 from trapo_lightning.data.sources import SyntheticSource
-from trapo_lightning.data.synthetic import SyntheticArithmetic
+from trapo_lightning.data.synthetic import SyntheticArithmetic, alternative_order
+from trapo_lightning.reward import MathVerifyReward, Verdict
 
 PROBLEM = re.compile(r"^Compute (\d+(?: [+-] \d+)+)\.$")
 STEP = re.compile(r"^(\d+)([+-])(\d+): (.+), so (\d+)$")
@@ -140,6 +141,8 @@ def test_synthetic_source_sizes():
         ({"operations": "+*"}, "operations"),
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"alternatives": 2}, "alternatives must be 0 or 1"),
+        ({"alternatives": -1}, "alternatives must be 0 or 1"),
     ],
 )
 def test_argument_validation(kwargs, message):
@@ -177,3 +180,88 @@ def test_direct_work_writes_one_checked_line_per_operation():
 def test_unknown_work_style_is_rejected():
     with pytest.raises(ValueError, match="work must be one of"):
         SyntheticArithmetic(work="essay")
+
+
+# -- alternatives: a second solution doing the same operations in another valid order --------------------------------
+@pytest.mark.parametrize(
+    "operands, operators, expected",
+    [
+        ([47, 19, 38], ["-", "+"], ([47, 38, 19], ["+", "-"])),  # additions first: 47 + 38 = 85, 85 - 19 = 66
+        ([47, 38, 19], ["+", "-"], ([38, 47, 19], ["+", "-"])),  # already so: the additions rotated
+        ([9, 2, 3], ["-", "-"], ([9, 3, 2], ["-", "-"])),  # one addition: the subtractions rotated
+        ([5, 5, 1, 2], ["+", "-", "-"], ([5, 5, 2, 1], ["+", "-", "-"])),  # equal additions: the subtractions
+        ([3, 3, 3], ["+", "+"], None),  # no other order
+        ([9, 2, 2], ["-", "-"], None),
+    ],
+)
+def test_alternative_order_by_hand(operands, operators, expected):
+    assert alternative_order(operands, operators) == expected
+
+
+def test_alternative_solution_layout():
+    # "Compute 35 + 54 + 56." is written additions first, so the alternative rotates them: 54 + 56 = 110 (4+6=10,
+    # carry, 5+5+1=11), then 110 + 35 = 145 (0+5=5, 1+3=4, 1+0=1)
+    record = SyntheticArithmetic(alternatives=1).record("train", 0)
+    assert record.solutions == (
+        "35+54: 5+4=9, 3+5=8, so 89\n\n89+56: 9+6=15, 8+5+1=14, so 145\n\n\\boxed{145}",
+        "54+56: 4+6=10, 5+5+1=11, so 110\n\n110+35: 0+5=5, 1+3=4, 1+0=1, so 145\n\n\\boxed{145}",
+    )
+    assert record.answer == "145"
+
+
+def check_alternative(record, task: SyntheticArithmetic) -> None:
+    """The second solution: the problem's signed terms in another order, each step checked column by column, never
+    below zero, ending in the same boxed answer."""
+    tokens = PROBLEM.match(record.problem).group(1).split(" ")
+    terms = sorted([("+", int(tokens[0])), *zip(tokens[1::2], map(int, tokens[2::2]))])
+    *steps, last = record.solutions[1].split("\n\n")
+    total, used = None, []
+    for line in steps:
+        a, op, b, work, c = STEP.match(line).groups()
+        assert total is None or int(a) == total  # continues from the previous result
+        used += [("+", int(a))] if total is None else []
+        used.append((op, int(b)))
+        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+        assert rebuild_from_columns(work, op) == int(c)
+        total = int(c)
+    assert sorted(used) == terms and record.solutions[1] != record.solutions[0]
+    assert last == f"\\boxed{{{record.answer}}}" and str(total) == record.answer
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_operands": 5, "digits": 3}, {"operations": "-", "num_operands": 4}])
+def test_alternatives_are_correct_other_orders_and_leave_the_primary_alone(kwargs):
+    task = SyntheticArithmetic(alternatives=1, **kwargs)
+    records = task.records("train", 200)
+    assert [r.solution for r in records] == [r.solution for r in SyntheticArithmetic(**kwargs).records("train", 200)]
+    assert task.records("train", 200) == records  # deterministic
+    with_two = [r for r in records if len(r.solutions) == 2]
+    assert len(with_two) > 150
+    for record in records:
+        check_record(record, task)
+        if len(record.solutions) == 2:
+            check_alternative(record, task)
+        else:  # only a problem with no other order keeps one solution
+            tokens = PROBLEM.match(record.problem).group(1).split(" ")
+            assert alternative_order([int(t) for t in tokens[::2]], tokens[1::2]) is None
+
+
+def test_math_verify_grades_every_alternative_correct():
+    records = SyntheticArithmetic(alternatives=1, digits=1, work="direct").records("train", 50)
+    alternatives = [r.solutions[1] for r in records if len(r.solutions) == 2]
+    results = MathVerifyReward(isolate=False)(alternatives, [r.answer for r in records if len(r.solutions) == 2])
+    assert len(results) > 40 and {r.verdict for r in results} == {Verdict.correct}
+
+
+def test_the_embedded_tokenizer_writes_alternatives_as_it_writes_primaries(tiny_tokenizer):
+    # the default config's task: an alternative is the same kind of text, one token per digit, sign and blank line,
+    # as long as the primary give or take a digit, so within model.max_response_tokens (24) like every primary
+    task = SyntheticArithmetic(num_operands=3, digits=1, work="direct", alternatives=1)
+    record = task.record("train", 0)
+    assert record.problem == "Compute 4 + 6 + 7."  # additions first already: rotated, 6 + 7 = 13, 13 + 4 = 17
+    assert record.solutions[1] == "6+7=13\n\n13+4=17\n\n\\boxed{17}"
+    ids = tiny_tokenizer(record.solutions[1], add_special_tokens=False)["input_ids"]
+    pieces = [tiny_tokenizer.decode([i]) for i in ids]
+    assert pieces == [*"6+7=13", "\n\n", *"13+4=17", "\n\n", "\\boxed", "{", "1", "7", "}"]
+    for record in task.records("train", 500):
+        lengths = [len(tiny_tokenizer(s, add_special_tokens=False)["input_ids"]) for s in record.solutions]
+        assert max(lengths) + 1 <= 24 and max(lengths) - min(lengths) <= 2

@@ -112,7 +112,8 @@ class MicroGroupGuidance(GuidanceRule):
             thresholds: guide micro-group i when the mean reward of all earlier samples is below thresholds[i];
                 -1 never guides (rewards are in [0, 1]).
             prefix_ratios: fraction of the expert solution given as prefix to a guided micro-group i, in [0, 1];
-                1.0 makes the whole expert solution the response.
+                1.0 makes the whole expert solution the response (a record's second solution where it has one,
+                trapo_lightning/data/records.py).
         """
         if not len(sizes) == len(thresholds) == len(prefix_ratios):
             raise ValueError(

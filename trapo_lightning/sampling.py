@@ -53,8 +53,11 @@ class Sample:
 
 
 class ExpertPrefixer:
-    """Token ids of a record's expert prefix at a given ratio: always a prefix of the solution's own ids
-    (`PromptRecord.solution_ids`), cut in token space and snapped to a paragraph break (`prefix_end`)."""
+    """Token ids of a record's expert prefix at a given ratio: always a prefix of one solution's own ids, cut in
+    token space and snapped to a paragraph break (`prefix_end`). The solution is the one the ratio uses
+    (`PromptRecord.trace_ids`): the primary for partial prefixes, the second, where the record has one, for the
+    whole solution (ratio 1), as in the authors' code. All rollouts of one micro-group of a prompt share one ratio,
+    so they share one prefix, which is what the prefix loss mask counts once (trapo_lightning/masks.py)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, cut: PrefixCut | None = None) -> None:
         self.tokenizer = tokenizer
@@ -64,7 +67,7 @@ class ExpertPrefixer:
         self._pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
 
     def __call__(self, record: PromptRecord, ratio: float) -> tuple[int, ...]:
-        ids = record.solution_ids
+        ids = record.trace_ids(ratio)
         if ratio <= 0.0:
             return ()
         if ratio >= 1.0:

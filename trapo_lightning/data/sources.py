@@ -1,4 +1,4 @@
-"""Data sources: where {problem, solution, answer} records come from.
+"""Data sources: where {problem, solutions, answer} records come from.
 
 `SyntheticSource` is the embedded default. The others read a user's files, with field names mapped in YAML:
 `JsonlSource` (JSON Lines), `ParquetSource`, and `HFDatasetSource` (Hugging Face `datasets`: folders written by
@@ -9,6 +9,10 @@ counted skip with the reason; it never turns into an empty prompt or a silently 
 format goes through the same row validation (`record_from_row`), so the contract is the same whatever the format,
 and every reference answer is parsed as the reward will parse it (trapo_lightning/data/answers.py): one it could
 never grade against is a malformed row too (`unparseable_answer`).
+
+A training row gives its expert solution as one string (`solution`) or several as a list of strings
+(`solutions`, the primary first; trapo_lightning/data/records.py says which guides what), not both: a row with
+both is ambiguous (`ambiguous_solutions`) unless the config maps one of the two fields away (`null`).
 
 Parquet and `datasets` are an optional extra (`pip install 'trapo-lightning[data]'`), imported only when used.
 """
@@ -60,11 +64,20 @@ class SyntheticSource(DataSource):
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Which keys (JSON keys, or table columns) hold the problem, the expert solution and the final answer."""
+    """Which keys (JSON keys, or table columns) hold the problem, the expert solution(s) and the final answer."""
 
     problem: str = "problem"
-    solution: str = "solution"
+    """The problem statement."""
+    solution: str | None = "solution"
+    """One expert solution, a string; null: rows give theirs in `solutions` only."""
     answer: str = "answer"
+    """The final answer, a string."""
+    solutions: str | None = "solutions"
+    """Several expert solutions of the problem, a list of strings, the primary first; null: `solution` only."""
+
+    def __post_init__(self) -> None:
+        if self.solution is None and self.solutions is None:
+            raise ValueError("FieldMap: map `solution` or `solutions` (or both); training rows need a solution")
 
 
 class InvalidRecord(DataError):
@@ -118,7 +131,8 @@ class RowSource(DataSource):
 
 
 class FieldMapSource(RowSource):
-    """Rows whose problem, expert solution and answer are string fields, found under the keys of a `FieldMap`."""
+    """Rows whose problem and answer are string fields and whose expert solutions are a string or a list of
+    strings, found under the keys of a `FieldMap`."""
 
     def __init__(
         self,
@@ -134,8 +148,9 @@ class FieldMapSource(RowSource):
             val_files: Files of the validation split, or of a benchmark (its rows need `problem` and `answer` only).
             fields: Mapping from our field names to the keys in your files.
             skip_invalid: Skip malformed rows and count them per reason instead of failing on the first one.
-            require_boxed_solution: A training solution must end its work in a \\boxed{...} answer (as the
-                synthetic task and most curated sets do); one without is malformed (`solution_without_boxed`).
+            require_boxed_solution: Every training solution must end its work in a \\boxed{...} answer (as the
+                synthetic task and most curated sets do); a row with one without is malformed
+                (`solution_without_boxed`).
         """
         super().__init__(train_files, val_files, skip_invalid)
         self.fields = fields or FieldMap()
@@ -144,7 +159,7 @@ class FieldMapSource(RowSource):
     def _record(self, row: Any, where: str, train: bool) -> MathRecord:
         record = record_from_row(row, where, self.fields, need_solution=train)
         if train and self.require_boxed_solution:
-            _check_boxed(record, where, self.fields)
+            _check_boxed(record, row, self.fields)
         return record
 
 
@@ -280,19 +295,65 @@ def record_from_row(row: Any, where: str, fields: FieldMap, need_solution: bool)
     """One row (a mapping from keys to values) to a record, or `InvalidRecord` naming the place and the field."""
     if not isinstance(row, Mapping):
         raise InvalidRecord(where, "not_an_object", f"expected a JSON object, got {type(row).__name__}")
-    wanted = [("problem", fields.problem), ("answer", fields.answer)]
-    if need_solution:
-        wanted.append(("solution", fields.solution))
-    values = {name: string_field(row, key, name, where) for name, key in wanted}
-    return MathRecord(values["problem"], values.get("solution", ""), values["answer"], source=where)
+    problem, answer = (string_field(row, key, name, where) for name, key in [
+        ("problem", fields.problem), ("answer", fields.answer)
+    ])
+    return MathRecord(problem, solutions_field(row, where, fields) if need_solution else (), answer, source=where)
 
 
-def _check_boxed(record: MathRecord, where: str, fields: FieldMap) -> None:
-    if last_boxed(record.solution) is None:
+def solutions_field(row: Mapping, where: str, fields: FieldMap) -> tuple[str, ...]:
+    """The row's expert solutions: its `solutions` list or its one `solution`, whichever it has. A key holding
+    null counts as absent, so a table with both columns may fill one per row."""
+    has_list = fields.solutions is not None and row.get(fields.solutions) is not None
+    has_one = fields.solution is not None and row.get(fields.solution) is not None
+    if has_list and has_one:
         raise InvalidRecord(
-            where, "solution_without_boxed",
-            f"field '{fields.solution}' has no \\boxed{{...}} answer (require_boxed_solution is on)",
+            where, "ambiguous_solutions",
+            f"the row has both '{fields.solution}' and '{fields.solutions}'; give one, or map the other away in the "
+            "source's `fields` (e.g. `solution: null` to use the list)",
         )
+    if has_list or fields.solution is None:
+        return string_list_field(row, fields.solutions, "solutions", where)
+    if fields.solutions is not None and fields.solution not in row and fields.solutions not in row:
+        one, several = field_label(fields.solution, "solution"), field_label(fields.solutions, "solutions")
+        raise InvalidRecord(
+            where, "missing_solution",
+            f"field {one} is missing (or {several}, a list of them); map yours with the source's `fields`",
+        )
+    return (string_field(row, fields.solution, "solution", where),)
+
+
+def string_list_field(row: Mapping, key: str, name: str, where: str) -> tuple[str, ...]:
+    """`row[key]`, a non-empty list of non-blank strings."""
+    mapped = field_label(key, name)
+    value = field_value(row, key, name, where)
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRecord(
+            where, f"non_list_{name}",
+            f"field {mapped} must be a list of strings, got {type(value).__name__} {value!r:.40}",
+        )
+    if not value:
+        raise InvalidRecord(where, f"empty_{name}", f"field {mapped} is an empty list")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise InvalidRecord(
+                where, f"non_string_{name}",
+                f"field {mapped}[{index}] must be a string, got {type(item).__name__} {item!r:.40}",
+            )
+        if not item.strip():
+            raise InvalidRecord(where, f"empty_{name}", f"field {mapped}[{index}] is empty")
+    return tuple(value)
+
+
+def _check_boxed(record: MathRecord, row: Mapping, fields: FieldMap) -> None:
+    listed = fields.solutions is not None and row.get(fields.solutions) is not None
+    for index, solution in enumerate(record.solutions):
+        if last_boxed(solution) is None:
+            named = f"'{fields.solutions}'[{index}]" if listed else f"'{fields.solution}'"
+            raise InvalidRecord(
+                record.source, "solution_without_boxed",
+                f"field {named} has no \\boxed{{...}} answer (require_boxed_solution is on)",
+            )
 
 
 def string_field(row: Mapping, key: str, name: str, where: str) -> str:

@@ -12,6 +12,10 @@ consume batches in lockstep, so the batch count is the same on every rank even w
 resumed stream replays its epoch's permutation and fast-forwards that many batches without counting skips again
 (and without tokenizing anything: the ids are already there).
 A position at the very end of an epoch continues with the next epoch's first batch (never an empty epoch).
+
+Several expert solutions (trapo_lightning/data/records.py): a solution whose ids (+EOS) exceed the maximum response
+length never guides. It is dropped and counted while the record stays with the solutions that fit, the first of
+them now the primary; a record none of whose solutions fit is skipped (`solution_too_long`), as with one solution.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from trapo_lightning.data.prompts import PromptTemplate
-from trapo_lightning.data.records import MathRecord, PromptBatch, PromptRecord, StreamPosition
+from trapo_lightning.data.records import EXPERT_TRACES, MathRecord, PromptBatch, PromptRecord, StreamPosition
 from trapo_lightning.data.tokens import TokenizedSplit
 
 
@@ -55,13 +59,18 @@ class PromptStream(IterableDataset):
         self.epoch = 0
         self.skipped: Counter = Counter()
         self._resume: StreamPosition | None = None
+        self.fitting = [self._fitting(index) for index in range(len(self.tokens))]  # solutions within the budget
         self.skip_reasons = [self._too_long(index) for index in range(len(self.tokens))]  # skip reason, or None
+
+    def _fitting(self, index: int) -> tuple[int, ...]:
+        """The numbers of record `index`'s tokenized solutions whose ids + EOS fit in a response."""
+        traces = range(self.tokens.traces(index))
+        return tuple(k for k in traces if self.tokens.trace_length(index, k) + 1 <= self.max_response_tokens)
 
     def _too_long(self, index: int) -> str | None:
         if self.tokens.prompts.length(index) > self.max_prompt_tokens:
             return "prompt_too_long"
-        # + EOS; a record without a solution has 0 ids and is never too long
-        if self.tokens.solutions.length(index) + 1 > self.max_response_tokens:
+        if self.tokens.traces(index) and not self.fitting[index]:  # a record without solutions is never too long
             return "solution_too_long"
         return None
 
@@ -77,7 +86,24 @@ class PromptStream(IterableDataset):
                 f"{sum(too_long.values())} too long skipped ({_by_reason(too_long)}; limits: prompt "
                 f"{self.max_prompt_tokens} tokens, solution + EOS {self.max_response_tokens})"
             )
+        if traces := self._traces_summary():
+            parts.append(traces)
         return "; ".join(parts)
+
+    def _traces_summary(self) -> str:
+        """How many kept records carry a second solution, and what of their solutions goes unused; "" when no
+        record has more than one."""
+        kept = [i for i, reason in enumerate(self.skip_reasons) if reason is None]
+        second = sum(len(self.fitting[i]) > 1 for i in kept)
+        dropped = sum(self.tokens.traces(i) - len(self.fitting[i]) for i in kept)
+        unused = sum(max(0, len(record.solutions) - EXPERT_TRACES) for record in self.tokens.records)
+        if not (second or dropped or unused):
+            return ""
+        notes = [f"{dropped} over-long solutions dropped, their records kept with the one that fits"] if dropped else []
+        notes += [f"{unused} solutions beyond the first {EXPERT_TRACES} of a record unused"] if unused else []
+        return f"{second} kept records carry a second expert solution, for the whole-solution micro-group" + (
+            f" ({'; '.join(notes)})" if notes else ""
+        )
 
     def resume_from(self, position: StreamPosition) -> None:
         """Make the next iteration start just after the batch that carried `position`."""
@@ -121,7 +147,7 @@ class PromptStream(IterableDataset):
             if reason is not None:
                 self.skipped[reason] += made >= fast_forward
                 continue
-            batch.append(self.tokens.prompt_record(index))
+            batch.append(self.tokens.prompt_record(index, self.fitting[index]))
             if len(batch) == self.batch_size:
                 made += 1
                 yield batch

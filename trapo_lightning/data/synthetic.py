@@ -17,6 +17,20 @@ lines ("\\n\\n") so the paragraph-snapped prefix cut (TRAPO.md, "Prefix cut") ha
 solution ends in `\\boxed{answer}` so the same math-verify reward as for real data applies. The work is written
 without spaces because Qwen2's pre-tokenizer makes every space a token of its own.
 
+With `alternatives: 1` a record also carries a second solution, which does the same operations in another valid
+order (the data's stand-in for OpenR1-Math's several correct generations: records.py says which guides what):
+the additions first, then the subtractions, each in the problem's order; for a problem already written that way,
+its additions rotated by one (the first moved last), or, where they are all equal, its subtractions. Taking the
+additions first keeps every running total between the answer and the sum of the additions, so no step goes
+negative. A problem with no other such order (3 + 3 + 3, 9 - 2 - 2) keeps one solution. For example
+
+    47+38: 7+8=15, 4+3+1=8, so 85        ->    38+47: 8+7=15, 3+4+1=8, so 85
+
+    85-19: 15-9=6, 8-1-1=6, so 66              85-19: 15-9=6, 8-1-1=6, so 66
+
+for "Compute 47 + 38 - 19.". The alternative draws nothing from the generator, so the primary solutions, and a
+run with `alternatives: 0` (the default), are the same whatever the setting.
+
 Records are a pure function of (seed, split, index): a run is reproducible and a resumed run sees the same data.
 The held-out split is disjoint from the training split by construction: a problem belongs to the split picked by
 a stable hash of its text, so no validation problem is ever trained on.
@@ -27,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from trapo_lightning.data.records import MathRecord
+from trapo_lightning.data.records import EXPERT_TRACES, MathRecord
 
 SPLITS = ("train", "val")
 WORK_STYLES = ("columns", "direct")
@@ -44,6 +58,7 @@ class SyntheticArithmetic:
         val_fraction: float = 0.1,
         work: str = "columns",
         seed: int = 0,
+        alternatives: int = 0,
     ) -> None:
         """
         Args:
@@ -55,6 +70,8 @@ class SyntheticArithmetic:
                 so 85`); "direct" writes one line per operation (`47+38=85`), which a tiny model learns from
                 few examples only when the operands are single digits.
             seed: Seed of the problem generator; the same seed gives the same problems.
+            alternatives: 1: each record also carries a second solution doing the operations in another valid
+                order (the whole-solution micro-group's trace), where the problem has one; 0: one solution.
         """
         if num_operands < 2:
             raise ValueError(f"num_operands must be >= 2 to need any work, got {num_operands}")
@@ -66,12 +83,15 @@ class SyntheticArithmetic:
             raise ValueError(f"work must be one of {WORK_STYLES}, got {work!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if alternatives not in (0, EXPERT_TRACES - 1):
+            raise ValueError(f"alternatives must be 0 or {EXPERT_TRACES - 1} (one extra solution), got {alternatives}")
         self.num_operands = num_operands
         self.digits = digits
         self.operations = operations
         self.val_fraction = val_fraction
         self.work = work
         self.seed = seed
+        self.alternatives = alternatives
 
     def record(self, split: str, index: int) -> MathRecord:
         """The `index`-th problem of `split` ("train" or "val")."""
@@ -84,7 +104,10 @@ class SyntheticArithmetic:
             if self._split_of(problem) == split:
                 break
         solution, answer = _solve(operands, operators, self.work)
-        return MathRecord(problem=problem, solution=solution, answer=answer, source=f"synthetic:{split}:{index}")
+        solutions = (solution,)
+        if self.alternatives and (order := alternative_order(operands, operators)) is not None:
+            solutions += (_solve(*order, self.work)[0],)
+        return MathRecord(problem=problem, solutions=solutions, answer=answer, source=f"synthetic:{split}:{index}")
 
     def records(self, split: str, count: int) -> list[MathRecord]:
         return [self.record(split, i) for i in range(count)]
@@ -108,6 +131,21 @@ def _no_negatives(operands: list[int], operators: list[str]) -> list[str]:
         total = total + value if op == "+" else total - value
         fixed.append(op)
     return fixed
+
+
+def alternative_order(operands: list[int], operators: list[str]) -> tuple[list[int], list[str]] | None:
+    """The same operations in another valid order (see the module docstring), or None where there is none."""
+    terms = [("+", operands[0]), *zip(operators, operands[1:])]  # (sign, value); the first operand is added
+    added, taken = [t for t in terms if t[0] == "+"], [t for t in terms if t[0] == "-"]
+    order = added + taken
+    if order == terms:  # already additions first: rotate one side (a rotation changes a list unless all are equal)
+        if len(set(added)) > 1:
+            order = added[1:] + added[:1] + taken
+        elif len(set(taken)) > 1:
+            order = added + taken[1:] + taken[:1]
+        else:
+            return None
+    return [value for _, value in order], [sign for sign, _ in order[1:]]
 
 
 def _expression(operands: list[int], operators: list[str]) -> str:

@@ -11,6 +11,9 @@ One tokenization rule for every length check and for what the policy sees: text 
 tokens (`add_special_tokens=False`). A prompt is the chat template's text as is (the template writes its own
 special tokens); a response is the solution's ids followed by EOS. A tokenizer that adds BOS by default (Llama's)
 would otherwise count one token the rollout never sees.
+
+A record's solutions beyond the first `EXPERT_TRACES` never guide anything (trapo_lightning/data/records.py), so
+they are not tokenized: a second solution per record about doubles the solution ids kept, a third adds nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from trapo_lightning.data.prompts import PromptTemplate
-from trapo_lightning.data.records import MathRecord, PromptRecord
+from trapo_lightning.data.records import EXPERT_TRACES, MathRecord, PromptRecord
 
 _CHUNK = 256  # rows per batched call: a chunk's ids pass through Python lists (~36 bytes a token) before packing
 
@@ -56,19 +59,33 @@ class TokenizedSplit:
     ) -> None:
         self.records = list(records)
         self.prompts = PackedIds()
-        self.solutions = PackedIds()
+        self.solutions = [PackedIds() for _ in range(EXPERT_TRACES)]
+        """`solutions[k][i]`: the ids of record i's solution k, () where it has fewer than k + 1."""
         for start in range(0, len(self.records), _CHUNK):
             chunk = self.records[start : start + _CHUNK]
             self.prompts.extend(_encode(tokenizer, [template.text(tokenizer, r.problem) for r in chunk]))
-            self.solutions.extend(_encode(tokenizer, [r.solution for r in chunk]))
+            for k, packed in enumerate(self.solutions):
+                present = [r.solutions[k] for r in chunk if len(r.solutions) > k]
+                encoded = iter(_encode(tokenizer, present) if present else [])
+                packed.extend(next(encoded) if len(r.solutions) > k else () for r in chunk)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def prompt_record(self, index: int) -> PromptRecord:
+    def traces(self, index: int) -> int:
+        """How many of record `index`'s solutions were tokenized (at most `EXPERT_TRACES`)."""
+        return min(len(self.records[index].solutions), EXPERT_TRACES)
+
+    def trace_length(self, index: int, trace: int) -> int:
+        return self.solutions[trace].length(index)
+
+    def prompt_record(self, index: int, traces: Sequence[int] | None = None) -> PromptRecord:
+        """Record `index` with the solutions numbered `traces` (default: every tokenized one), in that order."""
         record = self.records[index]
+        traces = range(self.traces(index)) if traces is None else traces
         return PromptRecord(
-            self.prompts[index], record.problem, record.solution, record.answer, record.source, self.solutions[index]
+            self.prompts[index], record.problem, tuple(record.solutions[k] for k in traces), record.answer,
+            record.source, tuple(self.solutions[k][index] for k in traces),
         )
 
 
