@@ -265,7 +265,29 @@ def test_the_default_benchmark_keeps_val_accuracy(source):
     assert set(metrics) == {
         "val/accuracy", "val/avg@2", "val/pass@1", "val/response_length", "val/truncated_fraction",
         "val/wrong_fraction", "val/unparseable_fraction", "val/timeout_fraction",
+        "val/expert_nll",  # the held-out split has expert solutions: the held-out SFT loss
     }
+
+
+def test_the_held_out_sft_loss_is_the_teacher_forced_nll_of_the_expert_solutions(source):
+    """val/expert_nll against a plain forward of each held-out problem's prompt + solution + EOS: the mean -log p
+    per solution token, pooled over the split (3 problems)."""
+    import torch
+
+    module = make_module(source, rollout=RecordingEngine(), reward=EveryFirstCorrect(1))
+    data = make_data(source)
+    (metrics,) = make_trainer().validate(module, datamodule=data, verbose=False)
+    total, tokens = 0.0, 0
+    stream = data.streams["val"]
+    records = [stream.tokens.prompt_record(i) for i in range(len(stream.tokens))]
+    with torch.no_grad():
+        for record in records:
+            response = record.solution_ids + (module.tokenizer.eos_token_id,)
+            ids = torch.tensor([record.prompt_ids + response])
+            logits = module.policy(input_ids=ids).logits[0, len(record.prompt_ids) - 1 : -1]  # [R, V]
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(response)[:, None])
+            total, tokens = total - float(logp.sum()), tokens + len(response)
+    assert metrics["val/expert_nll"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 def test_metrics_restart_every_validation(source):

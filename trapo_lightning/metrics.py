@@ -102,9 +102,11 @@ class Evaluation(NamedTuple):
 class BenchmarkMetrics(torch.nn.ModuleDict):
     """One benchmark's epoch metrics: `accuracy` and `avg@n` (the share of correct samples; the same number under
     its everyday and its paper name), `pass@k` per k, and per-sample means: `response_length`,
-    `truncated_fraction` and the share of each failing verdict."""
+    `truncated_fraction` and the share of each failing verdict. With `expert_nll`, also the mean -log p per token
+    of the problems' expert solutions (+EOS) under the policy, teacher-forced: the held-out SFT loss, on which an
+    SFT stage is trained to convergence."""
 
-    def __init__(self, samples: int, pass_at_k: Sequence[int]) -> None:
+    def __init__(self, samples: int, pass_at_k: Sequence[int], expert_nll: bool = False) -> None:
         super().__init__()
         self.samples = samples
         self.pass_at_k = tuple(pass_at_k)
@@ -114,6 +116,12 @@ class BenchmarkMetrics(torch.nn.ModuleDict):
             self[f"pass@{k}"] = PassAtK(k)
         for name in ("response_length", "truncated_fraction", *(f"{v.value}_fraction" for v in _FAILURES)):
             self[name] = MeanMetric()
+        if expert_nll:
+            self["expert_nll"] = MeanMetric()
+
+    def update_expert_nll(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:
+        """`[P]` summed -log p of each problem's expert tokens and `[P]` their counts."""
+        self["expert_nll"].update(nll / tokens.clamp(min=1), weight=tokens)
 
     def update(self, evaluation: Evaluation) -> None:
         if evaluation.samples != self.samples:
