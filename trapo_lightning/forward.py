@@ -24,7 +24,11 @@ from collections.abc import Iterator
 import torch
 
 from trapo_lightning.batch import TrainBatch
-from trapo_lightning.logprobs import hidden_logprobs_and_entropy, token_logprobs_and_entropy
+from trapo_lightning.logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    hidden_logprobs_and_entropy,
+    token_logprobs_and_entropy,
+)
 
 Scores = tuple[torch.Tensor, torch.Tensor]  # ([N, T] log-probs, [N, T] entropies), float32
 
@@ -73,7 +77,9 @@ def scoring_head(
         model.set_output_embeddings(head)
 
 
-def plain_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = 1024) -> Scores:
+def plain_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Scores:
     """Scores of every response token from one forward over the whole rows, prompt included."""
     with scoring_head(model, batch.targets, temperature, chunk_tokens, batch.predicting_positions()):
         out = model(
@@ -84,7 +90,7 @@ def plain_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float
 
 
 def shared_prompt_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = 1024
+    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> Scores:
     """Same as `plain_logprobs`, with each distinct prompt of the batch run once.
 
@@ -132,7 +138,7 @@ def response_logprobs(
     model: torch.nn.Module,
     batch: TrainBatch,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     share_prompts: bool = True,
 ) -> Scores:
     """`[N, T]` log-probs and entropies of the response tokens at `temperature`; shares prompt forwards when rows

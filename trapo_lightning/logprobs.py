@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+DEFAULT_CHUNK_TOKENS = 256
+"""Tokens per LM-head chunk: about five float32 `[chunk, V]` temporaries live at once, 0.8 GB at Qwen's 151,936
+vocabulary (measured: benchmarks/real_shape.py)."""
+
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(target) under softmax(logits).
@@ -62,7 +66,7 @@ def _rows_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: flo
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, targets: Tensor, chunk_size: int = 1024, temperature: float = 1.0
+    logits: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_TOKENS, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """`token_logprobs` and `token_entropy` together, `chunk_size` rows of the B*T rows at a time.
 
@@ -116,7 +120,7 @@ def hidden_logprobs_and_entropy(
     targets: Tensor,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy of `softmax(head(hidden) / temperature)`, `chunk_size` tokens at a time.
 

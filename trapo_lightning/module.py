@@ -36,6 +36,7 @@ from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.evaluation import EvalProtocol
 from trapo_lightning.evaluation_steps import EvaluationSteps
 from trapo_lightning.forward import response_logprobs
+from trapo_lightning.logprobs import DEFAULT_CHUNK_TOKENS
 from trapo_lightning.guidance import GuidanceRule, MicroGroupGuidance
 from trapo_lightning.losses import LossTerms, TrapoLoss
 from trapo_lightning.metrics import step_metrics
@@ -98,7 +99,7 @@ class TrapoModule(EvaluationSteps, L.LightningModule):
         old_logp_source: OldLogpSource = OldLogpSource.policy,
         micro_batch_size: int = 8,
         max_tokens_per_micro_batch: int | None = None,
-        logprob_chunk_tokens: int = 1024,
+        logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         activation_checkpointing: bool = False,
         share_prompt_forward: bool | None = None,
         max_consecutive_nonfinite: int = 3,
@@ -142,7 +143,10 @@ class TrapoModule(EvaluationSteps, L.LightningModule):
                 length and packed up to it, verl's dynamic batch size (`batch.micro_batches`). None: runs of
                 `micro_batch_size` sequences in step order. Either way each micro-batch is padded to its own width.
             logprob_chunk_tokens: Tokens per chunk of the LM head when computing log-probs and entropies: bounds the
-                `[chunk, vocabulary]` logits that exist at once, in forward and backward (`logprobs.py`).
+                `[chunk, vocabulary]` logits that exist at once, in forward and backward (`logprobs.py`). About five
+                float32 `[chunk, V]` temporaries are alive per chunk: 0.8 GB at 256 tokens and Qwen's 151,936
+                vocabulary, against 3.1 GB at 1024 (measured, benchmarks/real_shape.py); 256 rows still make the
+                head's matmul large (256 x 3584 x 151,936 at 7B).
             activation_checkpointing: Recompute each decoder layer in backward instead of keeping its activations
                 (composes with FSDP2): activation memory of a micro-batch drops from all layers' to about one layer's
                 plus each layer's input, for roughly one more forward of compute.
