@@ -397,7 +397,7 @@ def policy_shape(policy_source, model_config: str | None = None) -> ModelShape:
     raise ValueError(f"trapo plan cannot read the shape of a {type(policy_source).__name__}: pass --model-config PATH")
 
 
-def shard_size(strategy, devices, num_nodes: int) -> int:
+def shard_size(strategy, devices) -> int:
     """Devices one FSDP2 shard group spans: ModelParallelStrategy's `tensor_parallel_size` (`auto`: the devices per
     node, `sharding.py`); 1 for any other strategy (each device holds the whole model)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -429,7 +429,7 @@ def run_shape(config, module, datamodule, callbacks, strategy) -> RunShape:
     """The `RunShape` of a parsed config: `config` the namespace, the others as the CLI built them.
 
     Args:
-        config: The parsed config (`trainer.precision`, `trainer.devices`, `trainer.num_nodes`).
+        config: The parsed config (`trainer.precision`, `trainer.devices`).
         module: The `TrapoModule` (its weights are not loaded).
         datamodule: The `TrapoDataModule` (`prompts_per_step`).
         callbacks: The trainer's callbacks (a KL-tuning one makes the reference load).
@@ -441,7 +441,7 @@ def run_shape(config, module, datamodule, callbacks, strategy) -> RunShape:
     rows = datamodule.prompts_per_step * module.guidance.group_size
     return RunShape(
         precision=str(config.trainer.precision or "32-true"),
-        shard_size=shard_size(strategy, config.trainer.devices, config.trainer.num_nodes),
+        shard_size=shard_size(strategy, config.trainer.devices),
         # the module's rule (TrapoModule._reference_needed): a KL coefficient, or a callback that may set one
         reference=module.loss.kl_coef != 0 or "loss.kl_coef" in setting_writers(callbacks or []),
         micro_batch_tokens=micro_batch_tokens(sequence, module.micro_batch_size, module.max_tokens_per_micro_batch),
