@@ -3,6 +3,10 @@
 Values the data and the model must agree on are linked, not repeated: the data stream's tokenizer comes from
 `model.policy`, and the maximum prompt and response lengths from the model.
 
+`trapo plan --config <the training config> [--gpu-memory-gb 80] [--model-config <config.json>]` prints one GPU's
+memory during a step of that run, from the model's config.json alone, and exits 0 if it fits, 1 if not
+(trapo_lightning/plan.py). It parses the config as `fit` does and builds its components, but not the Trainer.
+
 `trapo export --config <the training config> --ckpt_path <checkpoint> --out <folder>` writes the trained policy as
 a plain Hugging Face folder (trapo_lightning/export.py, issue 3). It parses the training config exactly as `fit`
 does, overrides included, but builds only `model.policy`: no Trainer, devices or data are touched, so a checkpoint
@@ -40,6 +44,7 @@ from trapo_lightning.errors import ConfigError, UserError
 from trapo_lightning.export import export_policy
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.module import TrapoModule
+from trapo_lightning.plan import plan_report
 from trapo_lightning.plots import main as plot_main
 
 
@@ -108,6 +113,22 @@ class ExportCLI(TrapoCLI):
         # Only the policy source: the architecture and tokenizer come from it, the weights from the checkpoint.
         with _refused_values_are_config_errors():
             self.policy = _instantiate_policy(self.config.model.policy)
+
+
+class PlanCLI(TrapoCLI):
+    """`trapo plan`: the training config's arguments plus the GPU's memory and where the model's config.json is."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="Memory of one GPU in GiB.")
+        parser.add_argument("--model-config", type=str | None, default=None,
+                            help="The policy's config.json (or model folder), when model.policy's path is a "
+                                 "placeholder: e.g. configs/model_shapes/qwen2.5_math_7b.json.")
+
+    def instantiate_classes(self) -> None:
+        # The config's components (weights are loaded only in fit), not the Trainer: no devices are claimed.
+        with _refused_values_are_config_errors():
+            self.config_init = self.parser.instantiate_classes(self.config)
 
 
 def refuse_moved_keys(args) -> None:
@@ -209,10 +230,26 @@ def export_cli(args: list[str]) -> str:
     return str(folder)
 
 
+def plan_cli(args: list[str]) -> int:
+    """`trapo plan` with `args` (what follows `plan`): prints the plan; returns 0 if it fits, 1 if not."""
+    _parsing_settings()
+    cli = PlanCLI(TrapoModule, TrapoDataModule, args=args, run=False, auto_configure_optimizers=False,
+                  parser_kwargs={"parser_mode": "yaml", "prog": "trapo plan",
+                                 "description": "Estimate one GPU's memory during a training step of a config."})
+    with _refused_values_are_config_errors():
+        plan, report = plan_report(cli.config, cli.config_init, cli.config.gpu_memory_gb, cli.config.model_config)
+    print(report)
+    return 0 if plan.fits else 1
+
+
 def run_command(argv: list[str]) -> None:
-    """`trapo <argv>`: `fit|validate|test ...` (LightningCLI), `export ...` or `plot RUN_DIR [RUN_DIR ...]`."""
+    """`trapo <argv>`: `fit|validate|test ...` (LightningCLI), `export ...`, `plan ...` (exits 1 when the run does
+    not fit) or `plot RUN_DIR [RUN_DIR ...]`."""
     if argv[:1] == ["export"]:
         export_cli(argv[1:])
+    elif argv[:1] == ["plan"]:
+        if plan_cli(argv[1:]):
+            raise SystemExit(1)
     elif argv[:1] == ["plot"]:
         plot_main(argv[1:])
     else:
