@@ -115,7 +115,7 @@ class StackedLogitsEngine(HFGenerateEngine):
         input_ids, attention_mask = _left_pad([r.token_ids for r in requests], self._pad, policy.device)
         config = GenerationConfig(
             do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
-            max_new_tokens=max(r.max_new_tokens for r in requests), eos_token_id=self._eos, pad_token_id=self._pad,
+            max_new_tokens=max(r.max_new_tokens for r in requests), eos_token_id=list(self._eos), pad_token_id=self._pad,
             return_dict_in_generate=True, output_logits=True,
         )
         cache = _shared_prefill(policy, requests, input_ids, attention_mask) if self.share_prefill else None
@@ -138,7 +138,7 @@ def logprob_phase(path: str, old: bool, rows: int, tokens: int, seed: int) -> di
     source = PretrainedFolder(path)
     tokenizer, policy = source.load_tokenizer(), source.load_model().eval()
     engine = (StackedLogitsEngine if old else HFGenerateEngine)()
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     prompt_ids = [tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     requests = [RolloutRequest(prompt_ids[i % len(prompt_ids)], tokens) for i in range(rows)]
     with PhasePeak() as peak:
@@ -194,7 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in MODELS:
             tokenizer, policy, prompt_ids = build(spec, Path(tmp), args.device, dtype)
-            eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+            eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
             requests = [RolloutRequest(prompt_ids[i % len(prompt_ids)], args.new_tokens) for i in range(args.prompts)]
             hf = HFGenerateEngine()
             hf.bind(policy, eos, pad)

@@ -94,7 +94,7 @@ def fake_vllm(monkeypatch):
 
 def bound(engine, source):
     tokenizer = source.load_tokenizer()
-    engine.bind(source.load_model(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(source.load_model(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
     return engine
 
 
@@ -219,7 +219,7 @@ def vllm_setup(tmp_path_factory):
     tokenizer = source.load_tokenizer()
     policy = source.load_model()
     engine = VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=0.25)
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     yield source, tokenizer, policy, engine
     engine.shutdown()
 
@@ -229,7 +229,7 @@ def vllm_engine(vllm_setup):
     """The shared engine, given back bound to the original policy and weights whatever a test did to it."""
     source, tokenizer, policy, engine = vllm_setup
     yield engine
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     if engine.weights_version != 0:
         VLLMRolloutRefresh().refresh(policy, engine, version=0)
 
@@ -259,20 +259,22 @@ def test_rows_are_consistent_and_within_their_own_budgets(vllm_setup, vllm_engin
 
 
 @pytest.mark.vllm
-def test_rows_stop_at_the_bound_eos_and_keep_it(vllm_setup, vllm_engine):
+def test_rows_stop_at_any_bound_eos_id_and_keep_it(vllm_setup, vllm_engine):
     _, tokenizer, policy, engine = vllm_setup
+    eos = tokenizer.eos_token_id
     requests = requests_for(tokenizer, [40, 40, 2])
     params = SamplingParams(TEMPERATURE, seed=2)
     first = engine.generate(requests, params)
-    stop = first[0].token_ids[5]  # make the 6th sampled id of row 0 the EOS: the same seed samples the same ids
-    engine.bind(policy, stop, tokenizer.pad_token_id)
+    stop = first[0].token_ids[5]  # make the 6th sampled id of row 0 a second EOS: the same seed samples the same ids
+    assert stop != eos
+    engine.bind(policy, [eos, stop], tokenizer.pad_token_id)
     again = engine.generate(requests, params)
     for before, after, request in zip(first, again, requests):
-        if stop in before.token_ids[: request.max_new_tokens]:
+        if stop in before.token_ids[: request.max_new_tokens]:  # it comes before the EOS that ended `before`, if any
             end = before.token_ids.index(stop) + 1
             assert after.token_ids == before.token_ids[:end] and after.finished
         else:
-            assert after.token_ids == before.token_ids and not after.finished
+            assert after.token_ids == before.token_ids and after.finished == before.finished
     assert again[0].finished and again[0].token_ids[-1] == stop and len(again[0].token_ids) <= 6
 
 
@@ -359,7 +361,7 @@ def refresh_on_rank(rank: int, folder: str, store: str) -> None:
     tokenizer = source.load_tokenizer()
     policy = source.load_model()
     engine = VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=0.25)
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     requests = requests_for(tokenizer, [12] * (rank + 1))
     assert len(engine.generate(requests, SamplingParams(1.0, seed=rank))) == rank + 1
     with torch.no_grad():

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from trapo_lightning.seeding import derive_seed
-from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams, as_eos_ids
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -47,10 +47,11 @@ class HFGenerateEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.share_prefill = share_prefill
         self._policy: torch.nn.Module | None = None
-        self._eos = self._pad = -1
+        self._eos: tuple[int, ...] = ()
+        self._pad = -1
 
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
-        self._policy, self._eos, self._pad = policy, eos_token_id, pad_token_id
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
+        self._policy, self._eos, self._pad = policy, as_eos_ids(eos_token_ids), pad_token_id
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         if self._policy is None:
@@ -74,7 +75,7 @@ class HFGenerateEngine(RolloutEngine):
             top_p=1.0,
             top_k=0,
             max_new_tokens=budget,
-            eos_token_id=self._eos,
+            eos_token_id=list(self._eos),
             pad_token_id=self._pad,
         )
         logprobs = SampledLogprobs(input_ids.shape[1], budget)
@@ -198,11 +199,11 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
-def _trim(ids: list[int], logprobs: list[float], budget: int, eos_id: int) -> Generation:
-    """Cut a row at its first EOS (kept) or at its own budget."""
+def _trim(ids: list[int], logprobs: list[float], budget: int, eos_ids: Sequence[int]) -> Generation:
+    """Cut a row at the first of any EOS id (kept) or at its own budget."""
     ids, logprobs = ids[:budget], logprobs[:budget]
-    if eos_id in ids:
-        end = ids.index(eos_id) + 1
+    end = next((k + 1 for k, token in enumerate(ids) if token in eos_ids), None)
+    if end is not None:
         return Generation(ids[:end], logprobs[:end], True)
     return Generation(ids, logprobs, False)
 

@@ -96,7 +96,7 @@ def build_llm(
         max_model_len=max_model_len,
         enforce_eager=enforce_eager,
         enable_sleep_mode=enable_sleep_mode,
-        skip_tokenizer_init=True,  # requests are token ids; only the bound EOS id ends a row
+        skip_tokenizer_init=True,  # requests are token ids; only the bound EOS ids end a row
         generation_config="vllm",  # ignore the folder's generation_config.json: sampling is ours
         logprobs_mode="processed_logprobs",
     )
@@ -133,9 +133,10 @@ def _per_rank_executor() -> dict[str, str]:
 
 
 def sampling_params(
-    *, temperature: float, top_p: float, max_tokens: int, seed: int | None, stop_token_id: int
+    *, temperature: float, top_p: float, max_tokens: int, seed: int | None, stop_token_ids: Sequence[int]
 ) -> Any:
-    """One request's sampling: the sampled token's log-prob only, no detokenising, stop at `stop_token_id`."""
+    """One request's sampling: the sampled token's log-prob only, no detokenising, stop at any of `stop_token_ids`
+    (kept in the output)."""
     import vllm
 
     return vllm.SamplingParams(
@@ -145,7 +146,7 @@ def sampling_params(
         max_tokens=max_tokens,
         seed=seed,
         logprobs=0,
-        stop_token_ids=[stop_token_id],
+        stop_token_ids=list(stop_token_ids),
         detokenize=False,
     )
 

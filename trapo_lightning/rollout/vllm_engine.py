@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trapo_lightning.rollout import vllm_compat
-from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams, as_eos_ids
 from trapo_lightning.seeding import derive_seed
 
 _GIB = 1 << 30
@@ -72,14 +72,14 @@ class VLLMEngine(RolloutEngine):
         self.kv_cache_gib = kv_cache_gib
         self._llm = None
         self._folder: Path | None = None
-        self._eos = -1
+        self._eos: tuple[int, ...] = ()
         self._version = 0  # vLLM starts from the folder: the policy before any optimizer step
         self._asleep: set[str] = set()  # memory tags vLLM has released ("weights", "kv_cache")
 
     # -- RolloutEngine ------------------------------------------------------------------------------------------
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
         """Build the vLLM engine on the folder the policy was loaded from. Binding again to a policy of the same
-        folder keeps the engine (and its weights) and only takes the new EOS id."""
+        folder keeps the engine (and its weights) and only takes the new EOS ids."""
         folder = policy_folder(policy)
         if self._llm is not None and folder != self._folder:
             raise RuntimeError(f"this VLLMEngine serves {self._folder}; make a new engine for {folder}")
@@ -94,7 +94,7 @@ class VLLMEngine(RolloutEngine):
                 kv_cache_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * _GIB),
             )
             self._folder = folder
-        self._eos = eos_token_id
+        self._eos = as_eos_ids(eos_token_ids)
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         llm = self._require_llm("generate")
@@ -110,13 +110,13 @@ class VLLMEngine(RolloutEngine):
                 top_p=params.top_p,
                 max_tokens=requests[i].max_new_tokens,
                 seed=None if params.seed is None else derive_seed(params.seed, i),
-                stop_token_id=self._eos,
+                stop_token_ids=self._eos,
             )
             for i in todo
         ]
         completions = vllm_compat.generate(llm, [requests[i].token_ids for i in todo], per_request)
         for i, (ids, logprobs, stopped) in zip(todo, completions):
-            out[i] = Generation(ids, logprobs, stopped and bool(ids) and ids[-1] == self._eos)
+            out[i] = Generation(ids, logprobs, stopped and bool(ids) and ids[-1] in self._eos)
         return out
 
     @property
