@@ -86,8 +86,10 @@ def build_llm(
     enforce_eager: bool,
     enable_sleep_mode: bool,
     kv_cache_bytes: int | None,
+    tensor_parallel_size: int = 1,
 ) -> Any:
-    """An in-process `vllm.LLM` on a Hugging Face folder that takes token ids in and gives token ids out."""
+    """An in-process `vllm.LLM` on a Hugging Face folder that takes token ids in and gives token ids out; with
+    `tensor_parallel_size` > 1 this rank's engine holds its shard of a group of that many consecutive ranks."""
     vllm = import_vllm()
     kwargs: dict[str, Any] = dict(
         model=str(folder),
@@ -99,6 +101,7 @@ def build_llm(
         skip_tokenizer_init=True,  # requests are token ids; only the bound EOS ids end a row
         generation_config="vllm",  # ignore the folder's generation_config.json: sampling is ours
         logprobs_mode="processed_logprobs",
+        tensor_parallel_size=tensor_parallel_size,
     )
     if not torch.cuda.is_available():
         # Never split a prompt's prefill across engine steps on CPU: vLLM rewinds a seeded request's generator after
@@ -120,8 +123,8 @@ def build_llm(
 
 def _per_rank_executor() -> dict[str, str]:
     """Under a multi-process training run, one engine per rank on the training process group: vLLM's
-    external_launcher executor takes its rank and device from RANK / LOCAL_RANK and, with tensor parallel size 1,
-    lets every rank generate its own requests independently."""
+    external_launcher executor takes its rank and device from RANK / LOCAL_RANK, lays ranks out as groups of
+    tensor_parallel_size consecutive ranks, and lets every group generate independently (with size 1, every rank)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return {}
     if torch.distributed.get_world_size() == 1:
