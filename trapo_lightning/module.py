@@ -43,7 +43,7 @@ from trapo_lightning.metrics import step_metrics
 from trapo_lightning.models.sharded import load_sharded
 from trapo_lightning.models.sources import PolicySource
 from trapo_lightning.reward import MathVerifyReward, Verdict
-from trapo_lightning.rollout.base import RolloutEngine, SamplingParams, check_rollout_version
+from trapo_lightning.rollout.base import RolloutEngine, SamplingParams, check_rollout_version, eos_token_ids
 from trapo_lightning.rollout.hf_generate import HFGenerateEngine
 from trapo_lightning.nonfinite import NonFiniteGuard, NonFiniteLossError, StepAction
 from trapo_lightning.prefix import PrefixCut
@@ -236,7 +236,7 @@ class TrapoModule(EvaluationSteps, L.LightningModule):
         object.__setattr__(self, "reference", self._load_reference() if self._reference_needed() else None)
         if self.device_mesh is not None and self.rollout.weights_version is None:
             self.rollout = GatheredRollout(self.rollout)  # samples the sharded policy itself: gathered around rollouts
-        self.rollout.bind(self.policy, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.rollout.bind(self.policy, eos_token_ids(self.tokenizer, self.policy), self.tokenizer.pad_token_id)
         self.prefixer = ExpertPrefixer(self.tokenizer, self.prefix_cut)
 
     def _load_model(self) -> torch.nn.Module:

@@ -149,9 +149,9 @@ class GatheredRollout(RolloutEngine):
         self._policy: torch.nn.Module | None = None
         self._gathered: contextlib.ExitStack | None = None
 
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
         self._policy = policy
-        self.engine.bind(policy, eos_token_id, pad_token_id)
+        self.engine.bind(policy, eos_token_ids, pad_token_id)
 
     def wake(self) -> None:
         if self._policy is None:

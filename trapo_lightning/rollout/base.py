@@ -43,7 +43,7 @@ class Generation(NamedTuple):
     logprobs: list[float]
     """The sampler's log-prob of each sampled id, at the sampling temperature."""
     finished: bool
-    """True when the sample ended with EOS rather than running out of budget."""
+    """True when the sample ended with one of the EOS ids rather than running out of budget."""
 
 
 class RolloutEngine(abc.ABC):
@@ -55,8 +55,9 @@ class RolloutEngine(abc.ABC):
     """
 
     @abc.abstractmethod
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
-        """Attach the engine to the policy it samples from."""
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
+        """Attach the engine to the policy it samples from; a row ends at the first of any of `eos_token_ids`
+        (`eos_token_ids` below collects them; `as_eos_ids` normalises what a caller passes)."""
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
@@ -77,6 +78,34 @@ class RolloutEngine(abc.ABC):
 
     def wake(self) -> None:
         """Undo `sleep` before the next rollout."""
+
+
+def eos_token_ids(tokenizer, policy: torch.nn.Module | None) -> tuple[int, ...]:
+    """Every id that ends a response: the tokenizer's EOS, then the policy's `generation_config.eos_token_id` (an
+    int or a list). Qwen2.5's instruct models list two (151645 `<|im_end|>` and 151643 `<|endoftext|>`), and a
+    sampler that stops on only one runs on past the other.
+
+    Args:
+        tokenizer: The policy's tokenizer (its `eos_token_id` may be None).
+        policy: The policy model; a missing or empty generation config adds nothing.
+    """
+    listed = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = tuple(dict.fromkeys(i for i in [tokenizer.eos_token_id, *listed] if i is not None))
+    if not ids:
+        raise ValueError(
+            "neither the tokenizer nor the policy's generation_config.json names an EOS token, so rollouts could "
+            "never finish; set eos_token in the tokenizer config or eos_token_id in generation_config.json"
+        )
+    return ids
+
+
+def as_eos_ids(eos_token_ids: int | Iterable[int]) -> tuple[int, ...]:
+    """`eos_token_ids` as a non-empty tuple; a single int is taken as a one-id list."""
+    ids = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(int(i) for i in eos_token_ids)
+    if not ids:
+        raise ValueError("eos_token_ids is empty: rollouts could never finish; pass at least the tokenizer's EOS id")
+    return ids
 
 
 class StaleRolloutError(RuntimeError):

@@ -7,6 +7,11 @@ batch cap allows; the longest budget in a call bounds it, and each row is then c
 Rows of one prompt's micro-group repeat the same tokens, so the engine prefills each distinct row once and hands
 the KV cache to its copies (`share_prefill`); `generate` then starts from the cache. On the embedded default the
 prompt is two thirds of a row's tokens and four rollouts share it.
+
+The sampler's log-probs are taken step by step (`SampledLogprobs`): each decoding step keeps one `[N, V]`
+log-softmax until the next step reveals which token was drawn, then keeps that token's log-prob alone. Asking
+`generate` for its logits instead would keep every step's `[N, V]` row: at the paper's shape (1024 rows, 8k new
+tokens, Qwen's 151,936-entry vocabulary) about 2.5 TB in float32.
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from trapo_lightning.seeding import derive_seed
-from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams, as_eos_ids
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -36,10 +47,11 @@ class HFGenerateEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.share_prefill = share_prefill
         self._policy: torch.nn.Module | None = None
-        self._eos = self._pad = -1
+        self._eos: tuple[int, ...] = ()
+        self._pad = -1
 
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
-        self._policy, self._eos, self._pad = policy, eos_token_id, pad_token_id
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
+        self._policy, self._eos, self._pad = policy, as_eos_ids(eos_token_ids), pad_token_id
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
         if self._policy is None:
@@ -59,32 +71,87 @@ class HFGenerateEngine(RolloutEngine):
         input_ids, attention_mask = _left_pad([r.token_ids for r in requests], self._pad, _device_of(policy))
         config = GenerationConfig(
             do_sample=True,
-            temperature=params.temperature,
-            top_p=params.top_p,
+            temperature=1.0,  # applied by our own processors below, so the log-probs are read between the warpers
+            top_p=1.0,
             top_k=0,
             max_new_tokens=budget,
-            eos_token_id=self._eos,
+            eos_token_id=list(self._eos),
             pad_token_id=self._pad,
-            return_dict_in_generate=True,
-            output_logits=True,
         )
+        logprobs = SampledLogprobs(input_ids.shape[1], budget)
         was_training = policy.training
         policy.eval()
         try:
             cache = _shared_prefill(policy, requests, input_ids, attention_mask) if self.share_prefill else None
             with _seeded(params.seed, input_ids.device):
-                result = policy.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, generation_config=config
+                sequences = policy.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                    generation_config=config, logits_processor=_sampler(params, logprobs),
                 )
         finally:
             policy.train(was_training)
-        new_ids = result.sequences[:, input_ids.shape[1] :]  # [N, budget']
-        logits = torch.stack(result.logits, dim=1).float() / params.temperature  # [N, budget', V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)  # [N, budget']
+        new_ids = sequences[:, input_ids.shape[1] :]  # [N, budget']
+        step_logprobs = logprobs.finish(new_ids)  # [N, budget']
         return [
             _trim(ids, lps, request.max_new_tokens, self._eos)
-            for ids, lps, request in zip(new_ids.tolist(), logprobs.tolist(), requests)
+            for ids, lps, request in zip(new_ids.tolist(), step_logprobs.tolist(), requests)
         ]
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log softmax(logits / T) of each sampled token, one decoding step late, in O(N x T) memory.
+
+    A logits processor sees step k's scores before its token is drawn, and sees that token (the last column of
+    `input_ids`) only at step k + 1; so it keeps step k's `[N, V]` log-softmax until then and gathers the drawn
+    token's entry. `finish` gathers the last step's from the returned sequences.
+
+    Args:
+        prompt_width: Columns of the (left-padded) input; new token k sits at column prompt_width + k.
+        budget: Most new tokens the call can produce.
+    """
+
+    def __init__(self, prompt_width: int, budget: int) -> None:
+        self.prompt_width = prompt_width
+        self.budget = budget
+        self.values: torch.Tensor | None = None  # [N, budget]
+        self._pending: torch.Tensor | None = None  # [N, V] log-softmax of the step whose token is not drawn yet
+        self._pending_step = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width  # the new token these scores are about to draw
+        if self.values is None:
+            self.values = torch.zeros(scores.shape[0], self.budget, dtype=torch.float32, device=scores.device)
+        if self._pending is not None:
+            self._keep(input_ids[:, self.prompt_width + self._pending_step])
+        self._pending = torch.log_softmax(scores.float(), dim=-1)  # [N, V]
+        self._pending_step = step
+        return scores
+
+    def finish(self, new_ids: torch.LongTensor) -> torch.Tensor:
+        """`[N, n]` log-probs of the `n` returned new tokens (`new_ids`: `[N, n]`)."""
+        steps = new_ids.shape[1]
+        if self._pending is not None and self._pending_step < steps:
+            self._keep(new_ids[:, self._pending_step])
+        self._pending = None
+        if self.values is None:
+            return torch.zeros(new_ids.shape, dtype=torch.float32)
+        return self.values[:, :steps]
+
+    def _keep(self, drawn: torch.LongTensor) -> None:
+        self.values[:, self._pending_step] = self._pending.gather(-1, drawn[:, None]).squeeze(-1)
+
+
+def _sampler(params: SamplingParams, logprobs: SampledLogprobs) -> LogitsProcessorList:
+    """The warpers `generate` would build for (temperature, top_p), with the log-prob recorder between them: the
+    recorded log-prob is log softmax(logits / T), before top-p's cut, as the trainer recomputes it. Passed as
+    custom processors, they run in this order after any processor `generate` builds itself."""
+    processors: list[LogitsProcessor] = []
+    if params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    processors.append(logprobs)
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=params.top_p))
+    return LogitsProcessorList(processors)
 
 
 def _shared_prefill(policy, requests: Sequence[RolloutRequest], input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -132,11 +199,11 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
-def _trim(ids: list[int], logprobs: list[float], budget: int, eos_id: int) -> Generation:
-    """Cut a row at its first EOS (kept) or at its own budget."""
+def _trim(ids: list[int], logprobs: list[float], budget: int, eos_ids: Sequence[int]) -> Generation:
+    """Cut a row at the first of any EOS id (kept) or at its own budget."""
     ids, logprobs = ids[:budget], logprobs[:budget]
-    if eos_id in ids:
-        end = ids.index(eos_id) + 1
+    end = next((k + 1 for k, token in enumerate(ids) if token in eos_ids), None)
+    if end is not None:
         return Generation(ids[:end], logprobs[:end], True)
     return Generation(ids, logprobs, False)
 

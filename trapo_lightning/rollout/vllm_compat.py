@@ -86,8 +86,10 @@ def build_llm(
     enforce_eager: bool,
     enable_sleep_mode: bool,
     kv_cache_bytes: int | None,
+    tensor_parallel_size: int = 1,
 ) -> Any:
-    """An in-process `vllm.LLM` on a Hugging Face folder that takes token ids in and gives token ids out."""
+    """An in-process `vllm.LLM` on a Hugging Face folder that takes token ids in and gives token ids out; with
+    `tensor_parallel_size` > 1 this rank's engine holds its shard of a group of that many consecutive ranks."""
     vllm = import_vllm()
     kwargs: dict[str, Any] = dict(
         model=str(folder),
@@ -96,9 +98,10 @@ def build_llm(
         max_model_len=max_model_len,
         enforce_eager=enforce_eager,
         enable_sleep_mode=enable_sleep_mode,
-        skip_tokenizer_init=True,  # requests are token ids; only the bound EOS id ends a row
+        skip_tokenizer_init=True,  # requests are token ids; only the bound EOS ids end a row
         generation_config="vllm",  # ignore the folder's generation_config.json: sampling is ours
         logprobs_mode="processed_logprobs",
+        tensor_parallel_size=tensor_parallel_size,
     )
     if not torch.cuda.is_available():
         # Never split a prompt's prefill across engine steps on CPU: vLLM rewinds a seeded request's generator after
@@ -120,8 +123,8 @@ def build_llm(
 
 def _per_rank_executor() -> dict[str, str]:
     """Under a multi-process training run, one engine per rank on the training process group: vLLM's
-    external_launcher executor takes its rank and device from RANK / LOCAL_RANK and, with tensor parallel size 1,
-    lets every rank generate its own requests independently."""
+    external_launcher executor takes its rank and device from RANK / LOCAL_RANK, lays ranks out as groups of
+    tensor_parallel_size consecutive ranks, and lets every group generate independently (with size 1, every rank)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return {}
     if torch.distributed.get_world_size() == 1:
@@ -133,9 +136,10 @@ def _per_rank_executor() -> dict[str, str]:
 
 
 def sampling_params(
-    *, temperature: float, top_p: float, max_tokens: int, seed: int | None, stop_token_id: int
+    *, temperature: float, top_p: float, max_tokens: int, seed: int | None, stop_token_ids: Sequence[int]
 ) -> Any:
-    """One request's sampling: the sampled token's log-prob only, no detokenising, stop at `stop_token_id`."""
+    """One request's sampling: the sampled token's log-prob only, no detokenising, stop at any of `stop_token_ids`
+    (kept in the output)."""
     import vllm
 
     return vllm.SamplingParams(
@@ -145,7 +149,7 @@ def sampling_params(
         max_tokens=max_tokens,
         seed=seed,
         logprobs=0,
-        stop_token_ids=[stop_token_id],
+        stop_token_ids=list(stop_token_ids),
         detokenize=False,
     )
 

@@ -1,5 +1,7 @@
-"""Rollouts through vLLM, in the training process and on the same device as the policy: one engine per rank, each
-sampling its own rank's requests (tensor parallel size 1; vLLM's external_launcher executor under a process group).
+"""Rollouts through vLLM, in the training process and on the same device as the policy: one engine per rank (vLLM's
+external_launcher executor under a process group). With tensor parallel size 1 each samples its own rank's
+requests; with `tensor_parallel_size` tp > 1 the engines of tp consecutive ranks hold one shard of the weights each
+and sample their group's requests together, each rank keeping its own (`tensor_parallel.LockstepGroup`).
 
 vLLM samples from its own copy of the weights, built from the policy's Hugging Face folder; that copy is the
 policy at version 0. After optimizer steps, `load_weights` (driven by `VLLMRolloutRefresh`) streams the policy's
@@ -8,21 +10,34 @@ current tensors into it and tags it with the policy version, so the module can r
 Log-probs are vLLM's processed log-probs: those of the distribution actually sampled (after temperature and
 top-p), so at temperature 1 and top-p 1 they are the policy's log-softmax, which the training forward reproduces
 (the train/rollout mismatch). Each request draws from its own seed derived from the call's seed and its index, so
-sampling is reproducible whatever vLLM batches together. vLLM is imported only when an engine is bound.
+sampling is reproducible whatever vLLM batches together, and the same at any tensor parallel size (up to the
+numerics of sharded matmuls). vLLM is imported only when an engine is bound.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from trapo_lightning.rollout import vllm_compat
-from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams
+from trapo_lightning.rollout.base import Generation, RolloutEngine, RolloutRequest, SamplingParams, as_eos_ids
+from trapo_lightning.rollout.tensor_parallel import LockstepGroup
 from trapo_lightning.seeding import derive_seed
 
 _GIB = 1 << 30
+
+
+class _Job(NamedTuple):
+    """One request as sent to vLLM; plain values, so a tensor-parallel group can exchange it between ranks."""
+
+    token_ids: tuple[int, ...]
+    max_tokens: int
+    seed: int | None
+    temperature: float
+    top_p: float
 
 
 class VLLMEngine(RolloutEngine):
@@ -37,6 +52,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
         kv_cache_gib: float | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         """
         Args:
@@ -54,6 +70,10 @@ class VLLMEngine(RolloutEngine):
                 only valid when every rollout follows a weight refresh (VLLMRolloutRefresh every_n_steps 1).
             kv_cache_gib: KV cache size in GiB, overriding gpu_memory_utilization's share (on CPU: the cache's
                 size in RAM; default there: vLLM's own, 4 GiB or VLLM_CPU_KVCACHE_SPACE).
+            tensor_parallel_size: Ranks whose engines share one model, each holding a 1/tp shard of its weights (the
+                paper sampled at 2). Groups are tp consecutive ranks, so tp must divide the world size; each group
+                samples all its ranks' requests in lockstep and every rank keeps its own. 1: every rank samples
+                alone. Above 1 it needs the training process group (a multi-device strategy).
         """
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -63,6 +83,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"sleep_level must be 1 (offload weights) or 2 (discard them), got {sleep_level}")
         if kv_cache_gib is not None and kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0 or None, got {kv_cache_gib}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
@@ -70,20 +92,24 @@ class VLLMEngine(RolloutEngine):
         self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self.kv_cache_gib = kv_cache_gib
+        self.tensor_parallel_size = tensor_parallel_size
+        self._group: LockstepGroup | None = None  # this rank's tensor-parallel group (tp > 1)
         self._llm = None
         self._folder: Path | None = None
-        self._eos = -1
+        self._eos: tuple[int, ...] = ()
         self._version = 0  # vLLM starts from the folder: the policy before any optimizer step
         self._asleep: set[str] = set()  # memory tags vLLM has released ("weights", "kv_cache")
 
     # -- RolloutEngine ------------------------------------------------------------------------------------------
-    def bind(self, policy: torch.nn.Module, eos_token_id: int, pad_token_id: int) -> None:
+    def bind(self, policy: torch.nn.Module, eos_token_ids: Sequence[int], pad_token_id: int) -> None:
         """Build the vLLM engine on the folder the policy was loaded from. Binding again to a policy of the same
-        folder keeps the engine (and its weights) and only takes the new EOS id."""
+        folder keeps the engine (and its weights) and only takes the new EOS ids."""
         folder = policy_folder(policy)
         if self._llm is not None and folder != self._folder:
             raise RuntimeError(f"this VLLMEngine serves {self._folder}; make a new engine for {folder}")
         if self._llm is None:
+            if self.tensor_parallel_size > 1:
+                self._group = LockstepGroup(self.tensor_parallel_size)  # checks the process group and the sizes
             self._llm = vllm_compat.build_llm(
                 folder,
                 dtype=self.dtype,
@@ -92,32 +118,52 @@ class VLLMEngine(RolloutEngine):
                 enforce_eager=self.enforce_eager,
                 enable_sleep_mode=self.enable_sleep_mode,
                 kv_cache_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * _GIB),
+                tensor_parallel_size=self.tensor_parallel_size,
             )
             self._folder = folder
-        self._eos = eos_token_id
+        self._eos = as_eos_ids(eos_token_ids)
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[Generation]:
-        llm = self._require_llm("generate")
+        self._require_llm("generate")
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake() first")
         out = [Generation([], [], False) for _ in requests]
         todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]  # vLLM needs max_tokens >= 1
-        if not todo:
-            return out
-        per_request = [
-            vllm_compat.sampling_params(
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=requests[i].max_new_tokens,
-                seed=None if params.seed is None else derive_seed(params.seed, i),
-                stop_token_id=self._eos,
+        base_seed = params.seed
+        if base_seed is None and self._group is not None:  # the group's engines must draw the same: seed explicitly
+            base_seed = int(torch.randint(0, 1 << 62, ()).item())
+        jobs = [
+            _Job(
+                tuple(requests[i].token_ids), requests[i].max_new_tokens,
+                None if base_seed is None else derive_seed(base_seed, i), params.temperature, params.top_p,
             )
             for i in todo
         ]
-        completions = vllm_compat.generate(llm, [requests[i].token_ids for i in todo], per_request)
+        if self._group is None:
+            completions = self._run(jobs)
+        else:
+            group_jobs, mine = self._group.exchange(jobs)
+            completions = self._run(group_jobs)[mine]
         for i, (ids, logprobs, stopped) in zip(todo, completions):
-            out[i] = Generation(ids, logprobs, stopped and bool(ids) and ids[-1] == self._eos)
+            out[i] = Generation(ids, logprobs, stopped and bool(ids) and ids[-1] in self._eos)
         return out
+
+    def _run(self, jobs: Sequence[_Job]) -> list[tuple[list[int], list[float], bool]]:
+        if not jobs:
+            return []
+        per_request = [
+            vllm_compat.sampling_params(
+                temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens, seed=job.seed,
+                stop_token_ids=self._eos,
+            )
+            for job in jobs
+        ]
+        return vllm_compat.generate(self._require_llm("generate"), [job.token_ids for job in jobs], per_request)
+
+    def _finish_group_rollout(self) -> None:
+        """Keep sampling the group's other ranks' requests until every rank of the group has finished its own."""
+        while (turn := self._group.exchange(None)) is not None:
+            self._run(turn[0])
 
     @property
     def weights_version(self) -> int:
@@ -134,6 +180,10 @@ class VLLMEngine(RolloutEngine):
         self._version = version
 
     def sleep(self) -> None:
+        """End this rank's rollout (tp > 1: after serving the group's other ranks until all are done), then free
+        vLLM's memory where sleep mode is on. The module calls it on every rank after every rollout."""
+        if self._group is not None and self._llm is not None:
+            self._finish_group_rollout()
         if not self.enable_sleep_mode or self._asleep:
             return
         vllm_compat.sleep(self._require_llm("sleep"), self.sleep_level)
@@ -155,7 +205,7 @@ class VLLMEngine(RolloutEngine):
         """Release vLLM (its memory and its single-process distributed state); the engine can be bound again."""
         if self._llm is not None:
             vllm_compat.shutdown(self._llm)
-        self._llm, self._folder, self._version, self._asleep = None, None, 0, set()
+        self._llm, self._folder, self._version, self._asleep, self._group = None, None, 0, set(), None
 
     def _require_llm(self, what: str):
         if self._llm is None:
