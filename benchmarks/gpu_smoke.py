@@ -112,7 +112,6 @@ def make_probe():
     """A callback that times each step on the GPU and reads the metrics the module and the refresh report."""
     import lightning as L
     import torch
-
     from trapo_lightning.callbacks import VLLMRolloutRefresh
 
     class SmokeProbe(L.Callback):

@@ -3,6 +3,10 @@
     python benchmarks/step_time.py                       # both model sizes, all three systems, table + phases
     python benchmarks/step_time.py --models tiny --repeats 3
     python benchmarks/step_time.py --profile trapo --models large   # cProfile of our step instead of the table
+    python benchmarks/step_time.py --scenario realistic --max-tokens 1024   # real vocabulary, long-tailed lengths
+
+The default (short) scenario is described below; the realistic one (long prompts, completions of drawn lengths
+forced alike on both sides, Qwen's 151,936-token vocabulary) in benchmarks/step_lengths.py.
 
 Run it from the bench environment (`pip install -e ".[test,bench]"`); without TRL installed the `trl` row is skipped.
 
