@@ -3,6 +3,10 @@
     python benchmarks/step_time.py                       # both model sizes, all three systems, table + phases
     python benchmarks/step_time.py --models tiny --repeats 3
     python benchmarks/step_time.py --profile trapo --models large   # cProfile of our step instead of the table
+    python benchmarks/step_time.py --scenario realistic --max-tokens 1024   # real vocabulary, long-tailed lengths
+
+The default (short) scenario is described below; the realistic one (long prompts, completions of drawn lengths
+forced alike on both sides, Qwen's 151,936-token vocabulary) in benchmarks/step_lengths.py.
 
 Run it from the bench environment (`pip install -e ".[test,bench]"`); without TRL installed the `trl` row is skipped.
 
@@ -48,12 +52,17 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_shape import write_model
+from step_lengths import LengthMix, LongSource, force_lengths
+
 MODELS = {
     # configs/trapo.yaml's policy until it moved to one layer (TinyRandomQwen2 defaults: hidden 128, 4 layers)
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
     # same family and tokenizer, ~30M parameters
     "large": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=2048),
 }
+REAL_VOCAB_MODEL = dict(hidden=64, layers=2)  # the realistic scenario's policy: Qwen2, 151,936-token vocabulary
 SYSTEMS = ("trapo", "grpo", "trl", "trl-gc")
 DEFAULT_SYSTEMS = ("trapo", "grpo", "trl")
 
@@ -77,6 +86,10 @@ class Setup:
     steps: int = 6
     dataset_size: int = 512
     task: dict = field(default_factory=lambda: dict(num_operands=3, digits=1, work="direct"))
+    lengths: LengthMix | None = None
+    """None: every completion exactly `max_new_tokens` (the short scenario); else long prompts (`LongSource`) and
+    completions of drawn lengths up to `lengths.max_tokens`, forced alike on both sides (`step_lengths.py`)."""
+    max_tokens_per_micro_batch: int | None = None
 
     @property
     def sequences(self) -> int:
@@ -84,8 +97,13 @@ class Setup:
 
 
 def policy_source(setup: Setup):
-    from trapo_lightning.models import TinyRandomQwen2
+    from trapo_lightning.models import PretrainedFolder, TinyRandomQwen2
 
+    if setup.model == "real":
+        folder = Path(setup.model_dir)
+        if not (folder / "config.json").exists():
+            write_model(folder, **REAL_VOCAB_MODEL)
+        return PretrainedFolder(str(folder))
     return TinyRandomQwen2(path=setup.model_dir, max_position_embeddings=1024, **MODELS[setup.model])
 
 
@@ -128,10 +146,8 @@ def run_ours(setup: Setup, guided: bool, clock: StepClock) -> None:
     import lightning as L
     import torch
 
-    from trapo_lightning.data.datamodule import TrapoDataModule
-    from trapo_lightning.data.sources import SyntheticSource
-    from trapo_lightning.data.synthetic import SyntheticArithmetic
     from trapo_lightning.guidance import MicroGroupGuidance, NoGuidance
+    from trapo_lightning.losses import TrapoLoss
     from trapo_lightning.module import TrapoModule
 
     class Timing(L.Callback):
@@ -156,27 +172,51 @@ def run_ours(setup: Setup, guided: bool, clock: StepClock) -> None:
         max_prompt_tokens=setup.max_prompt_tokens,
         max_response_tokens=setup.max_new_tokens,
         rollout_temperature=setup.temperature,
-        trust_region_alpha=0.001,  # configs/trapo.yaml's value for a random-init policy
-        entropy_coef=setup.entropy_coef,
+        # configs/trapo.yaml's alpha for a random-init policy
+        loss=TrapoLoss(trust_region_alpha=0.001, entropy_coef=setup.entropy_coef),
         micro_batch_size=setup.sequences,
+        max_tokens_per_micro_batch=setup.max_tokens_per_micro_batch,
         rollout_seed=0,
     )
     module.configure_model()
-    module.policy.generation_config.min_new_tokens = setup.max_new_tokens  # equal work: see the module docstring
-    data = TrapoDataModule(
-        policy=source,
-        source=SyntheticSource(SyntheticArithmetic(**setup.task), train_size=setup.dataset_size, val_size=8),
-        prompts_per_step=setup.prompts_per_step,
-        val_batch_size=8,
-        max_prompt_tokens=setup.max_prompt_tokens,
-        max_response_tokens=setup.max_new_tokens,
-    )
+    if setup.lengths is None:
+        module.policy.generation_config.min_new_tokens = setup.max_new_tokens  # equal work: see the module docstring
+    else:
+        force_lengths(module.policy, setup.lengths, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
+    data = data_module(setup, source)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=setup.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=[Timing()],
     )
     trainer.fit(module, datamodule=data)
+
+
+def data_module(setup: Setup, source):
+    from trapo_lightning.data.datamodule import TrapoDataModule
+    from trapo_lightning.data.sources import SyntheticSource
+    from trapo_lightning.data.synthetic import SyntheticArithmetic
+
+    records = (SyntheticSource(SyntheticArithmetic(**setup.task), train_size=setup.dataset_size, val_size=8)
+               if setup.lengths is None else LongSource(setup.lengths, train_size=setup.dataset_size))
+    return TrapoDataModule(
+        policy=source, source=records, prompts_per_step=setup.prompts_per_step, val_batch_size=4,
+        max_prompt_tokens=setup.max_prompt_tokens, max_response_tokens=setup.max_new_tokens,
+    )
+
+
+def our_order(setup: Setup) -> list:
+    """The training records in the order our data stream hands them out (its seeded shuffle), so TRL, which
+    takes its dataset in order, sees the same prompts at the same step."""
+    data = data_module(setup, policy_source(setup))
+    data.setup("fit")
+    by_problem = {r.problem: r for r in data.source.load("train")[0]}
+    order = []
+    for batch in data.streams["train"]:
+        order += [by_problem[r.problem] for r in batch.records]
+        if len(order) >= setup.prompts_per_step * setup.steps:
+            return order
+    return order
 
 
 # -- TRL --------------------------------------------------------------------------------------------------------------
@@ -221,9 +261,12 @@ def run_trl(setup: Setup, clock: StepClock, gradient_checkpointing: bool = False
             clock.end(dict(trainer.phases), trainer.generated_tokens)
 
     source = policy_source(setup)
+    model, tokenizer = source.load_model(), source.load_tokenizer()
+    if setup.lengths is not None:
+        force_lengths(model, setup.lengths, tokenizer.eos_token_id, tokenizer.pad_token_id)
     trainer = TimedGRPOTrainer(
-        model=source.load_model(), reward_funcs=[math_verify_reward], args=trl_config(setup, gradient_checkpointing),
-        train_dataset=trl_dataset(setup), processing_class=source.load_tokenizer(), callbacks=[Timing()],
+        model=model, reward_funcs=[math_verify_reward], args=trl_config(setup, gradient_checkpointing),
+        train_dataset=trl_dataset(setup), processing_class=tokenizer, callbacks=[Timing()],
     )
     trainer.train()
 
@@ -235,7 +278,10 @@ def trl_dataset(setup: Setup):
     from trapo_lightning.data.prompts import PAPER_SYSTEM, PAPER_USER
     from trapo_lightning.data.synthetic import SyntheticArithmetic
 
-    records = SyntheticArithmetic(**setup.task).records("train", setup.dataset_size)
+    if setup.lengths is None:
+        records = SyntheticArithmetic(**setup.task).records("train", setup.dataset_size)
+    else:
+        records = our_order(setup)
     return Dataset.from_list([
         {
             "prompt": [
@@ -261,7 +307,8 @@ def trl_config(setup: Setup, gradient_checkpointing: bool):
         num_iterations=1,
         max_steps=setup.steps,
         max_completion_length=setup.max_new_tokens,
-        generation_kwargs={"min_new_tokens": setup.max_new_tokens},
+        # the realistic scenario forces each row's length through `force_lengths` instead
+        generation_kwargs={"min_new_tokens": setup.max_new_tokens} if setup.lengths is None else {},
         temperature=setup.temperature,
         top_p=1.0,
         top_k=0,
@@ -339,6 +386,7 @@ def race(systems: list[str], setup: Setup, warmup: int) -> dict[str, dict]:
                 raise RuntimeError(f"{system} worker ended early: {pending[system]}")
             pipes[system].send("go")
             steps[system].append(pipes[system].recv())
+            print(f"  round {round_index} {system}: {steps[system][-1]}", file=sys.stderr, flush=True)
             pending[system] = pipes[system].recv()  # next "ready" (or the final summary): nothing else runs meanwhile
     results = {}
     for system in systems:
@@ -359,8 +407,10 @@ def param_count(setup: Setup) -> int:
 
 def report(setup: Setup, results: dict[str, dict]) -> None:
     trl_step = median([s["step_s"] for s in results["trl"]["steps"]]) if "trl" in results else None
+    lengths = (f"{setup.max_new_tokens} new tokens" if setup.lengths is None else
+               f"prompts 100-300 tokens, completions drawn up to {setup.lengths.max_tokens} tokens")
     print(f"\n## {setup.model}: {param_count(setup) / 1e6:.2f}M parameters, {setup.prompts_per_step} prompts x "
-          f"{setup.group_size}, {setup.max_new_tokens} new tokens, {setup.threads} torch thread(s), "
+          f"{setup.group_size}, {lengths}, {setup.threads} torch thread(s), "
           f"{len(next(iter(results.values()))['steps'])} timed steps per system")
     print("| system | median s/step | min-max s | generated tok/step | generated tok/s | peak RSS MB | ours / TRL |")
     print("|---|---|---|---|---|---|---|")
@@ -472,9 +522,30 @@ def logprobs_memory(threads: int, batch: int = 2, vocab: int = 4096, lengths=(25
                       f"{peak / 1e6:.0f} | {peak / float32_btv:.2f} | {seconds:.2f} |")
 
 
+def setups(args) -> list[Setup]:
+    common = dict(threads=args.threads, steps=args.warmup + args.repeats)
+    if args.scenario == "short":
+        return [Setup(model=model, model_dir=str(Path(args.model_root) / model), max_new_tokens=args.max_new_tokens,
+                      **common) for model in args.models]
+    mix = LengthMix(max_tokens=args.max_tokens)
+    return [Setup(
+        model="real", model_dir=str(Path(args.model_root) / "real_vocab"), prompts_per_step=args.prompts,
+        group_size=args.group_size, max_prompt_tokens=320, max_new_tokens=args.max_tokens, lengths=mix,
+        max_tokens_per_micro_batch=args.micro_batch_tokens, dataset_size=64, **common,
+    )]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "large"])
+    parser.add_argument("--scenario", choices=("short", "realistic"), default="short",
+                        help="realistic: Qwen2 with the real 151,936-token vocabulary, 100-300-token prompts, "
+                             "long-tailed completion lengths up to --max-tokens (ignores --models)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="realistic: longest completion")
+    parser.add_argument("--prompts", type=int, default=2, help="realistic: prompts per step")
+    parser.add_argument("--group-size", type=int, default=8, help="realistic: completions per prompt")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
+                        help="realistic: our model.max_tokens_per_micro_batch")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS),
                         help="trl-gc: TRL with its default gradient checkpointing (recomputes the forward in backward)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per system")
@@ -495,11 +566,8 @@ def main(argv: list[str] | None = None) -> None:
     if systems != args.systems:
         print("trl is not installed (pip install -e '.[bench]'): its row is skipped", file=sys.stderr)
     everything = {}
-    for model in args.models:
-        setup = Setup(
-            model=model, model_dir=str(Path(args.model_root) / model), max_new_tokens=args.max_new_tokens,
-            threads=args.threads, steps=args.warmup + args.repeats,
-        )
+    for setup in setups(args):
+        model = setup.model
         policy_source(setup).resolve()  # written once, here, before the workers race to load it
         if args.profile:
             profile(args.profile, setup, args.warmup, args.profile_out)
@@ -511,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(everything, indent=1))
     if not args.profile:
-        print(f"\nsetup: {asdict(setup) | {'model': args.models, 'model_dir': args.model_root}}")
+        print(f"\nsetup: {asdict(setup) | {'model_dir': args.model_root}}")
 
 
 if __name__ == "__main__":
