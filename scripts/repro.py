@@ -10,7 +10,7 @@ What it runs (issue 14), all from one base model (configs/repro/base_sft.yaml, b
    with the lowest loss is kept), then its RL stage from that model at every rate.
 2. **Best rate** per method: the highest mean validation accuracy over the run's last two validations (1 sample
    per problem at T = 0.6), written to `<root>/<task>/best_lr.json`. Tasks after the first may reuse the first
-   task's rates (`--sweep-tasks`), which halves the cost.
+   task's rates (`--sweep-tasks`; `--rates-from` reads them from an earlier invocation), which halves the cost.
 3. **Seeds**: the other seeds at each method's best rate.
 4. **Held-out test** of every best-rate run (configs/repro/test.yaml): 8 answers per problem, verdicts in
    `test_completions.jsonl`, from which scripts/repro_table.py bootstraps intervals over problems and seeds.
@@ -158,6 +158,8 @@ def reproduce(args: argparse.Namespace) -> None:
                                         "--config", BASE])
     run_jobs([base], 1, logs)
     rates: dict[str, float] = {}
+    if args.rates_from:  # a task swept in an earlier invocation
+        rates = json.loads((root / args.rates_from / "best_lr.json").read_text())
     for task in args.tasks:
         plan = Plan(root, task, args.max_steps)
         best_file = root / task / "best_lr.json"
@@ -192,6 +194,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["three", "four"])
     parser.add_argument("--sweep-tasks", nargs="*", default=["three"],
                         help="tasks that sweep the learning rate; the others reuse the previous task's best rates")
+    parser.add_argument("--rates-from", help="start from this task's best_lr.json (swept by an earlier invocation)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also sweeps")
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])

@@ -52,14 +52,18 @@ def plot_runs(run_dirs: Sequence[Path], out_dir: Path, window: int = 20) -> list
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
         "reward.png": ("train/reward (unguided samples)", lambda key: key == "train/reward", window),
-        "accuracy.png": ("held-out accuracy", lambda key: key.startswith("val/") and _is_accuracy(key), 1),
+        "accuracy.png": ("held-out accuracy", _accuracy_key(len(runs)), 1),
         "guidance.png": ("share of expert-guided samples", _guidance_key(len(runs)), window),
     }
     written = []
     for name, (title, wanted, smoothing) in figures.items():
         figure, axes = plt.subplots(figsize=(7, 4))
         for label, series in runs.items():
+            drawn = []
             for key in sorted(k for k in series if wanted(k)):
+                if series[key] in drawn:  # avg@1 and pass@1 repeat val/accuracy at one sample per problem
+                    continue
+                drawn.append(series[key])
                 steps, values = zip(*series[key])
                 tag = label if len(runs) > 1 else key
                 axes.plot(steps, smooth(values, smoothing), label=tag)
@@ -86,6 +90,12 @@ def run_labels(run_dirs: Sequence[Path]) -> list[str]:
 
 def _is_accuracy(key: str) -> bool:
     return key.endswith("accuracy") or "avg@" in key or "pass@" in key
+
+
+def _accuracy_key(num_runs: int):
+    if num_runs > 1:  # one line per run
+        return lambda key: key == "val/accuracy"
+    return lambda key: key.startswith("val/") and _is_accuracy(key)
 
 
 def _guidance_key(num_runs: int):
