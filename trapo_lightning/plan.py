@@ -313,13 +313,14 @@ def rollout_components(shape: ModelShape, run: RunShape, gpu_bytes: int) -> tupl
         phases = ROLLOUT if rollout.sleeps else BOTH
         label = "asleep in the update" if rollout.sleeps else "kept in the update: no sleep mode"
         return [Component(f"vLLM weights + KV cache ({label})", share, phases)], (share - weights) // kv_token
-    # transformers' generate on the policy: the gathered policy (under FSDP2), the KV cache of every row, and the
-    # logits it keeps to compute sampler log-probs ([rows, response, V] in the compute dtype, then float32).
+    # transformers' generate on the policy: the gathered policy (under FSDP2), the KV cache of every row, and one
+    # decoding step's logits: [rows, V] in the compute dtype, and the float32 log-softmax the engine keeps until the
+    # next step shows the sampled token, beside the new step's (rollout/hf_generate.py).
     _, _, _, compute_b = run.bytes
     kv = rollout.rows * rollout.sequence_tokens * kv_token
     out = [Component(f"generate KV cache, {rollout.rows} rows", kv, ROLLOUT),
-           Component("generate logits (sampler log-probs)",
-                     rollout.rows * rollout.sequence_tokens * shape.vocab_size * (compute_b + 4), ROLLOUT)]
+           Component("generate logits, one step (sampler log-probs)",
+                     rollout.rows * shape.vocab_size * (compute_b + 2 * 4), ROLLOUT)]
     if run.shard_size > 1:
         out.insert(0, Component("policy gathered for generate", parameter_count(shape) * compute_b, ROLLOUT))
     return out, rollout.rows * rollout.sequence_tokens
