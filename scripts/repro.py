@@ -1,7 +1,7 @@
 """The small-scale reproduction (docs/results.md): every method at its best learning rate, several seeds, two tasks.
 
     python scripts/repro.py                                   # the whole protocol, two runs at a time
-    python scripts/repro.py --tasks three --seeds 0 1 2 --lrs 3e-5 1e-4 3e-4 --max-steps 100 --jobs 2
+    python scripts/repro.py --tasks three --seeds 0 1 2 --lrs 1e-5 3e-5 1e-4 3e-4 --max-steps 100 --jobs 2
     python scripts/repro_table.py                             # the table, with bootstrap intervals
 
 What it runs (issue 14), all from one base model (configs/repro/base_sft.yaml, built once):
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--rates-from", help="start from this task's best_lr.json (swept by an earlier invocation)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also sweeps")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 3e-5, 1e-4, 3e-4])
     parser.add_argument("--max-steps", type=int, default=150, help="optimizer steps of every run (RL stage)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     reproduce(parser.parse_args())
