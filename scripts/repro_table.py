@@ -131,7 +131,8 @@ def sft_stage_steps(task: Path, lr: float) -> list[str]:
         points = read_metrics(seed / "version_0").get("val/expert_nll", [])
         if points:
             step, value = min(points, key=lambda p: p[1])
-            out.append(f"{seed.name} {step + 1} (NLL {value:.3f}, stopped at {points[-1][0] + 1})")
+            out.append(f"{seed.name} {step + 1} (NLL {value:.3f}, stopped at {points[-1][0] + 1}, "
+                       f"{wall_minutes(seed):.1f} min)")
     return out
 
 
