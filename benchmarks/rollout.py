@@ -27,6 +27,29 @@ Measured here (2 shared CPU cores under heavy load from other jobs, so seconds a
 The old peak is about three N x T x V tensors (stacked, divided by T, log-softmax) and grows with T; the new one is
 the model, one step's [N, V] logits and their log-softmax, and stays flat. Both do the same arithmetic (one
 log-softmax per step), so the time is the same up to the noise.
+
+`--laptop` (issue 15) measures both engines on a random Llama of SmolLM2-135M-Instruct's shape (hidden 576, 30
+layers, 9 heads, 3 KV heads, MLP 1536, vocabulary 49,152, tied embeddings; the project's tiny tokenizer, whose ids
+are a subset): rollout rounds of 16 requests (2 prompts x 8) of exactly 256 new tokens (each engine masks EOS until
+the budget: transformers' `min_new_tokens`, vLLM's `min_tokens`), each engine in fresh processes, through the real
+classes' `bind` / `generate`, vLLM built as configs/overlays/laptop_vllm.yaml builds it; then a real Lightning fit
+of 2 steps per engine (unguided groups of 8, so all 16 rows are sampled; module defaults otherwise; vLLM with
+`VLLMRolloutRefresh`). Peak RSS is the process's high-water mark.
+
+    python benchmarks/rollout.py --laptop --threads 1 --repeats 2 --train-steps 2     # ~20 min here
+
+Measured here with 1 thread (the 2 cores were shared with 3-4 other busy processes, load ~5; at 2 threads each
+engine's OpenMP threads waited on each other, measured 18-21 s instead of 2-4 s for the same small HF round):
+
+| engine | start s | round 1 s | round 2 s | tok/s (round 2) | rollout peak RSS GB | step s | rollout s in step | fit peak RSS GB |
+|---|---|---|---|---|---|---|---|---|
+| HFGenerateEngine | 0.0 | 55.2 | 49.2 | 83 | 1.41 | 138 / 109 | 78 / 52 | 7.78 |
+| VLLMEngine | 9.1 | 19.7 | 16.8 | 246 | 5.64 | 79 / 76 | 20 / 19 | 12.63 |
+
+vLLM samples ~3x faster and takes a step from ~110-140 s to ~76-79 s (the update, ~57 s, is the same for both), but
+holds ~4.9 GB more: its own weight copy (0.54 GB), its 1 GiB KV cache, and about 3.4 GB of buffers sized by the
+CPU prefill budget `vllm_compat._CPU_PREFILL_TOKENS` (2^20 tokens; measured on a 2-layer model of this shape, vLLM's
+start-up RSS is 4.35 GB with it and 1.92 GB with 16,384).
 """
 
 from __future__ import annotations
@@ -73,13 +96,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device of the HF policy (vLLM picks its own platform)")
     parser.add_argument("--dtype", default="float32", help="dtype of both engines' weights")
     parser.add_argument("--prompts", type=int, default=16, help="requests per generate call")
-    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64],
-                        help="budget of new tokens per request (several: one column each, --logprobs only)")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=None,
+                        help="budget of new tokens per request (several: one column each, --logprobs only; "
+                             "default 64, --laptop 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache size")
     parser.add_argument("--logprobs", action="store_true", help="old vs new log-prob bookkeeping at V = 151,936")
-    return parser.parse_args()
+    parser.add_argument("--laptop", action="store_true",
+                        help="both engines on a random SmolLM2-135M-shaped Llama: a rollout round, peak RSS, steps")
+    parser.add_argument("--train-steps", type=int, default=2,
+                        help="--laptop: training steps per engine in a real Lightning fit (0: rollout rounds only)")
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"],
+                        help="--laptop: decoder layers (30: SmolLM2-135M; fewer for a quick check of the script)")
+    args = parser.parse_args()
+    args.new_tokens = args.new_tokens or [256 if args.laptop else 64]
+    return args
 
 
 def build(spec: ModelSpec, folder: Path, device: str, dtype: torch.dtype):
@@ -191,10 +223,198 @@ def logprob_table(args: argparse.Namespace) -> None:
               f"{secs[1] / secs[0]:.2f} |")
 
 
+# -- --laptop: a ~135M Llama on a laptop CPU (issue 15) ------------------------------------------------------------
+SMOLLM2_135M = {
+    "vocab_size": 49_152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "rope_theta": 100_000.0, "rms_norm_eps": 1e-5,
+}
+GROUP = 8  # rollouts per prompt: 16 requests are 2 prompts x 8
+
+
+def write_laptop_model(folder: Path, layers: int) -> Path:
+    """A random Llama of SmolLM2-135M-Instruct's shape, with the project's tiny tokenizer (its ids are a subset of
+    the 49,152-entry vocabulary, whose LM head and softmax cost what the real one's do)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trapo_lightning.models.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(**dict(SMOLLM2_135M, num_hidden_layers=layers), bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def laptop_engine(name: str) -> RolloutEngine:
+    """The engines as configs/laptop_vllm.yaml (vLLM) and the default config (HF) build them."""
+    return HFGenerateEngine() if name == "hf" else VLLMEngine(dtype="float32", enforce_eager=True, kv_cache_gib=1.0)
+
+
+def force_length(engine_name: str, policy: torch.nn.Module, tokens: int) -> None:
+    """Equal work for both engines: every row runs to its budget, as if EOS never came. Each engine masks the EOS
+    logit until the budget with its own option: transformers' `min_new_tokens` (read from the policy's generation
+    config) and vLLM's `min_tokens` (added to the sampling params the engine builds)."""
+    if engine_name == "hf":
+        policy.generation_config.min_new_tokens = tokens
+        return
+    from trapo_lightning.rollout import vllm_compat
+
+    build = vllm_compat.sampling_params
+
+    def with_min_tokens(**kwargs):
+        params = build(**kwargs)
+        params.min_tokens = kwargs["max_tokens"]
+        return params
+
+    vllm_compat.sampling_params = with_min_tokens
+
+
+def peak_rss_bytes() -> int:
+    """The process's RSS high-water mark (Linux)."""
+    from real_shape import rss_bytes
+
+    return rss_bytes("VmHWM")
+
+
+def laptop_rollout_phase(folder: str, engine_name: str, rows: int, tokens: int, rounds: int) -> dict:
+    """Bind one engine to the policy, then `rounds` rollout rounds of `rows` requests (rows / 8 prompts x 8) of
+    exactly `tokens` new tokens; seconds of the bind and of each round, tokens returned, the process's peak RSS."""
+    from trapo_lightning.models import PretrainedFolder
+
+    source = PretrainedFolder(folder)
+    tokenizer, policy = source.load_tokenizer(), source.load_model().eval()
+    engine = laptop_engine(engine_name)
+    force_length(engine_name, policy, tokens)
+    start = time.perf_counter()
+    engine.bind(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    bind_s = time.perf_counter() - start
+    prompt_ids = [tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    requests = [RolloutRequest(prompt_ids[i // GROUP % len(prompt_ids)], tokens) for i in range(rows)]
+    seconds, generated = [], []
+    for round_ in range(rounds):
+        start = time.perf_counter()
+        generations = engine.generate(requests, SamplingParams(seed=round_))
+        seconds.append(time.perf_counter() - start)
+        generated.append(sum(len(g.token_ids) for g in generations))
+    return {"bind_s": bind_s, "round_s": seconds, "generated": generated, "peak_rss": peak_rss_bytes(),
+            "threads": torch.get_num_threads()}
+
+
+def laptop_train_phase(folder: str, engine_name: str, rows: int, tokens: int, steps: int) -> dict:
+    """A real Lightning fit of `steps` steps of rows / 8 prompts x 8 unguided rollouts (plain GRPO micro-groups, so
+    every row is sampled) of up to `tokens` tokens, the module's defaults otherwise; with vLLM, VLLMRolloutRefresh
+    as in configs/laptop_vllm.yaml. Per step: seconds from batch start to the end of its last callback (refresh
+    included), the module's rollout seconds and tokens sampled; the process's peak RSS."""
+    import lightning as L
+
+    from trapo_lightning.data.datamodule import TrapoDataModule
+    from trapo_lightning.data.sources import SyntheticSource
+    from trapo_lightning.data.synthetic import SyntheticArithmetic
+    from trapo_lightning.guidance import NoGuidance
+    from trapo_lightning.models import PretrainedFolder
+    from trapo_lightning.module import TrapoModule
+
+    class Timing(L.Callback):
+        """Listed after the refresh callback, so a step's end includes the refresh."""
+
+        def __init__(self) -> None:
+            self.steps: list[dict] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.steps.append({
+                "step_s": time.perf_counter() - self.start,
+                "rollout_s": outputs["metrics"].get("time/rollout_s", 0.0),
+                "generated": sum(len(s.rollout_logprobs) for s in outputs["samples"]),
+            })
+
+    source = PretrainedFolder(folder)
+    module = TrapoModule(policy=source, rollout=laptop_engine(engine_name), guidance=NoGuidance(GROUP),
+                         max_prompt_tokens=128, max_response_tokens=tokens, rollout_seed=0)
+    data = TrapoDataModule(policy=source, source=SyntheticSource(SyntheticArithmetic(), train_size=64, val_size=1),
+                           prompts_per_step=rows // GROUP, val_batch_size=1, max_prompt_tokens=128,
+                           max_response_tokens=tokens)
+    module.configure_model()
+    force_length(engine_name, module.policy, tokens)
+    timing = Timing()
+    callbacks = [VLLMRolloutRefresh(), timing] if engine_name == "vllm" else [timing]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, datamodule=data)
+    return {"steps": timing.steps, "peak_rss": peak_rss_bytes()}
+
+
+def fresh_process(call: str, threads: int) -> dict:
+    """`rollout.<call>` in a new Python process (its own peak RSS, its own vLLM), its result as a dict."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    code = (f"import sys, json, torch; sys.path.insert(0, {str(here)!r}); torch.set_num_threads({threads}); "
+            f"import rollout; print('RESULT', json.dumps(rollout.{call}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{call} failed: {(out.stderr or out.stdout)[-2000:]}")
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
+def laptop_table(args: argparse.Namespace) -> None:
+    (tokens,) = args.new_tokens
+    names = {"hf": "HFGenerateEngine", "vllm": "VLLMEngine"}
+    rollouts: dict[str, list[dict]] = {name: [] for name in names}
+    trains: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(write_laptop_model(Path(tmp) / "model", args.layers))
+        for repeat in range(args.repeats):
+            for name in names:
+                result = fresh_process(f"laptop_rollout_phase({folder!r}, {name!r}, {args.prompts}, {tokens}, 2)",
+                                       args.threads)
+                print(f"  rollout {name} #{repeat}: {result}", file=sys.stderr, flush=True)
+                rollouts[name].append(result)
+        for name in names if args.train_steps else ():
+            trains[name] = fresh_process(
+                f"laptop_train_phase({folder!r}, {name!r}, {args.prompts}, {tokens}, {args.train_steps})", args.threads)
+            print(f"  train {name}: {trains[name]}", file=sys.stderr, flush=True)
+    print_laptop_table(args, tokens, names, rollouts, trains)
+
+
+def print_laptop_table(args, tokens: int, names: dict, rollouts: dict, trains: dict) -> None:
+    median = statistics.median
+    print(f"\nrandom Llama, SmolLM2-135M shape ({args.layers} layers), float32, {args.threads} threads; rollout round: "
+          f"{args.prompts} requests ({args.prompts // GROUP} prompts x {GROUP}) x {tokens} new tokens (EOS masked), "
+          f"medians of {args.repeats} fresh processes (round 1 and round 2 of each)"
+          + (f"; training: steps of a {args.train_steps}-step fit, one process per engine" if trains else "") + "\n")
+    header = ["engine", "start s", "round 1 s", "round 2 s", "tok/s (round 2)", "rollout peak RSS GB"]
+    if trains:
+        header += ["step s", "rollout s in step", "fit peak RSS GB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, label in names.items():
+        runs = rollouts[name]
+        second = median(r["round_s"][1] for r in runs)
+        rate = median(r["generated"][1] / r["round_s"][1] for r in runs)
+        cells = [label, f"{median(r['bind_s'] for r in runs):.1f}", f"{median(r['round_s'][0] for r in runs):.1f}",
+                 f"{second:.1f}", f"{rate:.0f}", f"{median(r['peak_rss'] for r in runs) / 1e9:.2f}"]
+        if trains:
+            steps = trains[name]["steps"]
+            cells += [" / ".join(f"{s['step_s']:.0f}" for s in steps),
+                      " / ".join(f"{s['rollout_s']:.0f}" for s in steps), f"{trains[name]['peak_rss'] / 1e9:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     args = parse_args()
     if args.logprobs:
         logprob_table(args)
+        return
+    if args.laptop:
+        laptop_table(args)
         return
     if len(args.new_tokens) != 1:
         raise SystemExit("--new-tokens takes one value without --logprobs")

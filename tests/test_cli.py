@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from trapo_lightning.callbacks import VLLMRolloutRefresh
 from trapo_lightning.cli import build_cli, main
 from trapo_lightning.data.datamodule import TrapoDataModule
 from trapo_lightning.errors import ConfigError
 from trapo_lightning.module import TrapoModule
+from trapo_lightning.rollout import VLLMEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("configs/*.yaml")) + sorted(ROOT.glob("tests/configs/*.yaml"))
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+# Overlays name no policy or data, so they parse only on top of a complete config: not in CONFIGS.
+LAPTOP_VLLM = ROOT / "configs" / "overlays" / "laptop_vllm.yaml"
 
 
 @pytest.fixture
@@ -46,6 +51,22 @@ def test_every_config_parses_and_instantiates(config, in_tmp):
     assert cli.datamodule.max_prompt_tokens == cli.model.max_prompt_tokens
     assert cli.datamodule.max_response_tokens == cli.model.max_response_tokens
     assert list(in_tmp.iterdir()) == []  # parsing writes nothing
+
+
+@pytest.mark.parametrize("base", [ROOT / "configs" / "trapo.yaml", TINY], ids=lambda p: p.name)
+def test_the_laptop_vllm_overlay_swaps_the_engine_and_appends_the_refresh(base, in_tmp):
+    alone = build_cli(["--config", str(base)], run=False)
+    cli = build_cli(["--config", str(base), "--config", str(LAPTOP_VLLM)], run=False)
+    engine = cli.model.rollout
+    assert isinstance(engine, VLLMEngine)
+    assert (engine.dtype, engine.enforce_eager, engine.kv_cache_gib) == ("float32", True, 1.0)
+    # `callbacks+` appends: the base config's callbacks all stay, and the refresh comes once
+    added = Counter(type(c) for c in cli.trainer.callbacks) - Counter(type(c) for c in alone.trainer.callbacks)
+    assert added == Counter({VLLMRolloutRefresh: 1})
+    assert len(cli.trainer.callbacks) == len(alone.trainer.callbacks) + 1
+    # everything else is the base config's
+    assert cli.config.model.policy == alone.config.model.policy and cli.config.data == alone.config.data
+    assert list(in_tmp.iterdir()) == []
 
 
 def test_an_unknown_key_fails_and_names_it(in_tmp, capsys):
