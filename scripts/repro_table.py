@@ -1,6 +1,7 @@
 """Summarise the small-scale reproduction (scripts/repro.py) as the Markdown tables of docs/results.md.
 
     python scripts/repro_table.py [runs/repro]
+    python scripts/repro_table.py runs/repro --at 3e-5     # every method at one rate (where all seeds ran there)
 
 Per task and method, at the method's best learning rate (`best_lr.json`), over seeds: held-out avg@8 with its 95%
 two-way bootstrap interval over problems and seeds (trapo_lightning/bootstrap.py, from the verdicts in each run's
@@ -12,6 +13,7 @@ sweep seed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -83,11 +85,13 @@ def method_runs(task: Path, method: str, rates: dict[str, float]) -> list[Path]:
     return sorted((task / method / f"lr{rates[method]:g}").glob("seed*"))
 
 
-def task_tables(task: Path) -> None:
+def task_tables(task: Path, at: float | None = None) -> None:
     rates = json.loads((task / "best_lr.json").read_text())
+    if at is not None:
+        rates = {m: (at if m != "sft_stage" else r) for m, r in rates.items()}
     runs = {m: method_runs(task, m, rates) for m in METHODS}
     grids = {m: accuracy_grid(r) for m, r in runs.items() if r}
-    print(f"### Task `{task.name}`\n")
+    print(f"### Task `{task.name}`" + ("" if at is None else f", every method at lr {at:g}") + "\n")
     print("| method | lr | seeds | test avg@8 [95% CI] | test pass@8 | val_start | val_end | reward_last | "
           "guided_last | minutes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -121,7 +125,8 @@ def task_tables(task: Path) -> None:
             d = paired_difference(trapo, grid)
             verdict = "noise" if d.holds(0.0) else ("TRAPO better" if d.mean > 0 else "TRAPO worse")
             print(f"| {method} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {verdict} |")
-    sweep_table(task, rates)
+    if at is None:
+        sweep_table(task, rates)
     print()
 
 
@@ -163,12 +168,16 @@ def sweep_table(task: Path, rates: dict[str, float]) -> None:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/repro")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default="runs/repro")
+    parser.add_argument("--at", type=float, help="every method at this learning rate instead of its best")
+    args = parser.parse_args()
+    root = Path(args.root)
     tasks = sorted(p.parent for p in root.glob("*/best_lr.json"))
     if not tasks:
         raise SystemExit(f"no task under {root} has a best_lr.json yet: run scripts/repro.py first")
     for task in tasks:
-        task_tables(task)
+        task_tables(task, args.at)
 
 
 if __name__ == "__main__":
