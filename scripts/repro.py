@@ -158,8 +158,9 @@ def reproduce(args: argparse.Namespace) -> None:
                                         "--config", BASE])
     run_jobs([base], 1, logs)
     rates: dict[str, float] = {}
-    if args.rates_from:  # a task swept in an earlier invocation
-        rates = json.loads((root / args.rates_from / "best_lr.json").read_text())
+    if args.rates_from:  # a task swept in an earlier invocation, or a JSON file of rates
+        given = Path(args.rates_from)
+        rates = json.loads((given if given.suffix == ".json" else root / args.rates_from / "best_lr.json").read_text())
     for task in args.tasks:
         plan = Plan(root, task, args.max_steps)
         best_file = root / task / "best_lr.json"
@@ -194,7 +195,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["three", "four"])
     parser.add_argument("--sweep-tasks", nargs="*", default=["three"],
                         help="tasks that sweep the learning rate; the others reuse the previous task's best rates")
-    parser.add_argument("--rates-from", help="start from this task's best_lr.json (swept by an earlier invocation)")
+    parser.add_argument("--rates-from", help="rates from this task's best_lr.json (an earlier invocation's sweep) or a .json file")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also sweeps")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 3e-5, 1e-4, 3e-4])
