@@ -31,6 +31,12 @@ def setting_writers(callbacks: Sequence[L.Callback]) -> dict[str, list[L.Callbac
     return writers
 
 
+def reference_needed(kl_coef: float, callbacks: Sequence[L.Callback]) -> bool:
+    """Whether the frozen reference model has a use: it only serves the KL term, so when `kl_coef` is set or a
+    callback may set it (AdaptiveKL). The module loads it by this rule and `trapo plan` counts it by it."""
+    return kl_coef != 0 or "loss.kl_coef" in setting_writers(callbacks)
+
+
 def writer_state_key(callback: L.Callback) -> str:
     """The checkpoint key of a callback that writes module settings: its class and the settings it writes."""
     return callback._generate_state_key(writes=list(callback.writes))

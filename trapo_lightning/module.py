@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from trapo_lightning.advantages import dr_grpo_advantages
 from trapo_lightning.batch import TrainBatch, step_prefix_carriers
-from trapo_lightning.callback_rules import check_callbacks, in_hook_order, missing_states, setting_writers
+from trapo_lightning.callback_rules import check_callbacks, in_hook_order, missing_states, reference_needed
 from trapo_lightning.checkpoints import checkpoint_path
 from trapo_lightning.data.records import PromptBatch
 from trapo_lightning.evaluation import EvalProtocol
@@ -257,8 +257,7 @@ class TrapoModule(EvaluationSteps, L.LightningModule):
 
     def _reference_needed(self) -> bool:
         """The frozen reference only serves the KL term: load it when kl_coef is set or a callback may set it."""
-        callbacks = self._trainer.callbacks if self._trainer is not None else []
-        return self.loss.kl_coef != 0 or "loss.kl_coef" in setting_writers(callbacks)
+        return reference_needed(self.loss.kl_coef, self._trainer.callbacks if self._trainer is not None else [])
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -436,15 +436,14 @@ def run_shape(config, module, datamodule, callbacks, strategy) -> RunShape:
         callbacks: The trainer's callbacks (a KL-tuning one makes the reference load).
         strategy: The trainer's strategy object or name.
     """
-    from trapo_lightning.callback_rules import setting_writers
+    from trapo_lightning.callback_rules import reference_needed
 
     sequence = module.max_prompt_tokens + module.max_response_tokens
     rows = datamodule.prompts_per_step * module.guidance.group_size
     return RunShape(
         precision=str(config.trainer.precision or "32-true"),
         shard_size=shard_size(strategy, config.trainer.devices),
-        # the module's rule (TrapoModule._reference_needed): a KL coefficient, or a callback that may set one
-        reference=module.loss.kl_coef != 0 or "loss.kl_coef" in setting_writers(callbacks or []),
+        reference=reference_needed(module.loss.kl_coef, callbacks or []),
         micro_batch_tokens=micro_batch_tokens(sequence, module.micro_batch_size, module.max_tokens_per_micro_batch),
         activation_checkpointing=module.activation_checkpointing,
         logprob_chunk_tokens=module.logprob_chunk_tokens,
