@@ -44,7 +44,7 @@ BASE = "configs/repro/base_sft.yaml"
 
 @dataclass(frozen=True)
 class Job:
-    """One command, the folder it logs to, and what it needs done first (already ordered by phase)."""
+    """One command and the folder it logs to; `run_jobs` runs a phase's jobs, phases one after another."""
 
     name: str
     folder: Path
@@ -120,21 +120,21 @@ class Plan:
         return self._fit("sft_stage", "configs/repro/sft_stage.yaml", lr, seed, [], tool)
 
     def test(self, method: str, lr: float, seed: int) -> Job:
+        """The run's last checkpoint on this task's held-out problems."""
         run = self.folder(method, lr, seed)
         checkpoints = sorted((run / "version_0" / "checkpoints").glob("*.ckpt"))
         checkpoint = str(checkpoints[-1]) if checkpoints else str(run / "version_0" / "checkpoints" / "missing.ckpt")
-        args = [arg for c in (*self.configs, "configs/repro/test.yaml") for arg in ("--config", c)]
-        args += ["--seed_everything", str(seed), "--ckpt_path", checkpoint,
-                 "--trainer.logger.init_args.save_dir", str(run), "--trainer.logger.init_args.name", "test"]
-        return Job(f"{self.task}/{method}/{lr_name(lr)}/seed{seed}/test", run / "test", ["trapo", "test", *args])
-
+        return self._test(f"{method}/{lr_name(lr)}/seed{seed}", run,
+                          ["--seed_everything", str(seed), "--ckpt_path", checkpoint])
 
     def base_test(self) -> Job:
         """The base model itself (no checkpoint) on this task's held-out problems."""
+        return self._test("base", self.root / self.task / "base", [])
+
+    def _test(self, name: str, run: Path, extra: list[str]) -> Job:
         args = [arg for c in (*self.configs, "configs/repro/test.yaml") for arg in ("--config", c)]
-        args += ["--trainer.logger.init_args.save_dir", str(self.root / self.task / "base"),
-                 "--trainer.logger.init_args.name", "test"]
-        return Job(f"{self.task}/base/test", self.root / self.task / "base" / "test", ["trapo", "test", *args])
+        args += [*extra, "--trainer.logger.init_args.save_dir", str(run), "--trainer.logger.init_args.name", "test"]
+        return Job(f"{self.task}/{name}/test", run / "test", ["trapo", "test", *args])
 
 
 def final_val_accuracy(run: Path) -> float:
@@ -195,7 +195,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["three", "four"])
     parser.add_argument("--sweep-tasks", nargs="*", default=["three"],
                         help="tasks that sweep the learning rate; the others reuse the previous task's best rates")
-    parser.add_argument("--rates-from", help="rates from this task's best_lr.json (an earlier invocation's sweep) or a .json file")
+    parser.add_argument("--rates-from",
+                        help="rates from this task's best_lr.json (an earlier invocation's sweep) or a .json file")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also sweeps")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 3e-5, 1e-4, 3e-4])

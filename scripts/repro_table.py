@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from repro import best_sft_loss, final_val_accuracy  # scripts/ is on the path when run as a script
 from trapo_lightning.bootstrap import bootstrap_interval, paired_difference
 from trapo_lightning.plots import read_metrics
 
@@ -157,11 +157,8 @@ def sweep_table(task: Path, rates: dict[str, float]) -> None:
             if not seeds:
                 cells.append("-")
                 continue
-            series = read_metrics(seeds[0] / "version_0")
-            if method == "sft_stage":
-                value = min(v for _, v in series["val/expert_nll"])
-            else:
-                value = statistics.mean(v for _, v in series["val/accuracy"][-2:])
+            # the criteria scripts/repro.py chose the rates by
+            value = (best_sft_loss if method == "sft_stage" else final_val_accuracy)(seeds[0] / "version_0")
             mark = " *" if rates.get(method) == lr else ""
             cells.append(f"{value:.3f}{mark}")
         print(f"| {method} | " + " | ".join(cells) + " |")
