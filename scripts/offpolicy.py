@@ -2,24 +2,23 @@
 
     python scripts/offpolicy.py [--steps 200] [--seeds 0 1] [--root runs/offpolicy]
 
-The embedded default (configs/trapo.yaml) with the vLLM engine (float32, eager, on CPU), its weights refreshed
-after every optimizer step (on-policy up to the sampler's numerics) or every 4 steps (rollouts up to 3 steps
-stale), each without and with the rollout importance-sampling correction (token-level, truncated at 2: verl's
+The embedded default (configs/trapo.yaml) with the vLLM engine (float32, eager, a 1 GiB KV cache, on CPU), its
+weights refreshed after every optimizer step (on-policy up to the sampler's numerics) or every 4 steps (rollouts up
+to 3 steps stale), each without and with the rollout importance-sampling correction (token-level, truncated at 2: verl's
 default form; `model.loss.init_args.rollout_correction`), for each seed. It prints, per setting, the held-out
 accuracy at every validation (mean over seeds), the mean |log pi_train - log pi_rollout| of the policy's tokens
 (`train/rollout_logp_mismatch`), the mean importance weight and the share of truncated tokens. Runs that finished
-(a `done` file) are skipped.
+(a `done` file) are skipped; scripts/repro.py's `run_jobs` runs the others, one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+from repro import Job, run_jobs  # scripts/ is on the path when run as a script
 from trapo_lightning.plots import read_metrics
 
 CORRECTION = ('{"class_path": "trapo_lightning.importance.RolloutCorrection", '
@@ -37,7 +36,7 @@ def command(root: Path, name: str, seed: int, steps: int) -> list[str]:
     args = ["trapo", "fit", "--config", "configs/trapo.yaml", "--seed_everything", str(seed), "--data.seed", str(seed),
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "25",
             "--model.rollout", ('{"class_path": "trapo_lightning.rollout.VLLMEngine", '
-                                '"init_args": {"dtype": "float32", "enforce_eager": true}}'),
+                                '"init_args": {"dtype": "float32", "enforce_eager": true, "kv_cache_gib": 1.0}}'),
             "--model.max_rollout_staleness", str(every - 1),
             "--trainer.callbacks", ('[{"class_path": "trapo_lightning.callbacks.ValidateOnStart"}, '
                                     '{"class_path": "trapo_lightning.callbacks.VLLMRolloutRefresh", '
@@ -47,20 +46,8 @@ def command(root: Path, name: str, seed: int, steps: int) -> list[str]:
     return args + (["--model.loss.init_args.rollout_correction", CORRECTION] if corrected else [])
 
 
-def run(root: Path, name: str, seed: int, steps: int) -> Path:
-    folder = root / name / f"seed{seed}"
-    if (folder / "done").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    print(f"[offpolicy] {name} seed {seed}", flush=True)
-    with (folder / "run.log").open("w") as log:
-        if subprocess.run(command(root, name, seed, steps), stdout=log, stderr=subprocess.STDOUT, env=env,
-                          check=False).returncode:
-            raise SystemExit(f"{name} seed {seed} failed; see {folder / 'run.log'}")
-    (folder / "done").write_text("")
-    return folder
+def job(root: Path, name: str, seed: int, steps: int) -> Job:
+    return Job(f"offpolicy/{name}/seed{seed}", root / name / f"seed{seed}", command(root, name, seed, steps))
 
 
 def mean_over_runs(series: list[dict], key: str) -> str:
@@ -88,9 +75,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
-    for seed in args.seeds:
-        for name in SETTINGS:
-            run(args.root, name, seed, args.steps)
+    run_jobs([job(args.root, name, seed, args.steps) for seed in args.seeds for name in SETTINGS], 1,
+             args.root / "logs")
     table(args.root, args.seeds)
     print(f"curves: trapo plot {' '.join(str(args.root / n / f'seed{args.seeds[0]}') for n in SETTINGS)} "
           f"--out docs/results/offpolicy", file=sys.stderr)
