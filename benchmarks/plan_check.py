@@ -39,18 +39,12 @@ SHAPES = {
 }
 
 
-def rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(name: str) -> dict:
     """In this process: build the shape's model and batch, run two steps, return the peak above the baseline."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from real_shape import PhasePeak  # benchmarks/ is on the path: the child runs this file as a script
     from trapo_lightning.batch import build_train_batch
     from trapo_lightning.forward import response_logprobs
     from trapo_lightning.reward import Verdict
@@ -72,16 +66,15 @@ def measure(name: str) -> dict:
     ]
     batch = build_train_batch(samples, torch.zeros(rows), pad_id=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    baseline = rss("VmRSS")
-    for _ in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(2):  # micro-batches: gradients of the first are alive through the second, as in a run
-            logp, entropy = response_logprobs(model, batch, 1.0, chunk, share_prompts=False)
-            loss = -(logp * batch.policy_mask).sum() / rows - 0.001 * entropy.mean()
-            loss.backward()
-        optimizer.step()
-    return {"measured": rss("VmHWM") - baseline, "tokens": rows * (prompt + response)}
+    with PhasePeak() as peak:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(2):  # micro-batches: gradients of the first are alive through the second, as in a run
+                logp, entropy = response_logprobs(model, batch, 1.0, chunk, share_prompts=False)
+                loss = -(logp * batch.policy_mask).sum() / rows - 0.001 * entropy.mean()
+                loss.backward()
+            optimizer.step()
+    return {"measured": peak.growth, "tokens": rows * (prompt + response)}
 
 
 def predict(name: str) -> int:
