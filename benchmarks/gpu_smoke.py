@@ -42,19 +42,10 @@ GIB = 1 << 30
 
 
 def write_model(folder: Path) -> Path:
-    """The random ~0.5B Qwen2 and the project's tokenizer (its ids are a subset of the vocabulary), float32 (the
-    master weights of bf16-mixed)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """The random ~0.5B Qwen2, float32 (the master weights of bf16-mixed)."""
+    from real_shape import write_qwen2  # benchmarks/ is on the path when this file runs as a script
 
-    from trapo_lightning.models.tokenizer import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = Qwen2Config(**QWEN2_0_5B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_qwen2(folder, **QWEN2_0_5B)
 
 
 def write_config(folder: Path, model: Path, args: argparse.Namespace) -> Path:

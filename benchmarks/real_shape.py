@@ -54,19 +54,24 @@ class PhasePeak:
 
 
 def write_model(folder: Path, hidden: int, layers: int) -> Path:
-    """A random Qwen2 with the real vocabulary and the project's tiny tokenizer (its ids are a subset)."""
+    """A random Qwen2 with the real vocabulary and a tiny body (`hidden` wide, `layers` deep)."""
+    return write_qwen2(folder, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=16384, tie_word_embeddings=True)
+
+
+def write_qwen2(folder: Path, **config) -> Path:
+    """A random Qwen2 of the given `Qwen2Config` fields, float32, with the project's tiny tokenizer (its ids are a
+    subset of any vocabulary used here), written as a Hugging Face folder."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from trapo_lightning.models.tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    qwen2 = Qwen2Config(**config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(qwen2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
